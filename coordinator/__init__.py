@@ -1,0 +1,1 @@
+"""The coordinator: Flower ServerApp, update validation, model registry and admin."""

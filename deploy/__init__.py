@@ -1,0 +1,1 @@
+"""How a real deployment starts: certificates, local stack, compose files, units."""

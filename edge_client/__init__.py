@@ -1,0 +1,1 @@
+"""The store/app daemon: event store, real-time recommendations, local DP training."""

@@ -1,0 +1,1 @@
+"""What the edge and the coordinator both import: data, models, metrics, ONNX export."""

@@ -1,0 +1,176 @@
+"""Ranking metrics by full ranking over the catalogue (S3-Rec protocol) or 99 sampled negatives.
+
+Ranks are 0-based and pessimistic: an item scored equal to the target counts as ranked above
+it, so a model that gives every item the same score gets no credit by luck of tie order.
+Items of the shopper's history are masked before ranking (S3-Rec:
+``rating_pred[train_matrix > 0] = 0``); a target that is also in the history is therefore
+ranked last, exactly as in that protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from shared.sequences import EvalSet, pad_left
+
+DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
+SAMPLED_NEGATIVES = 99
+
+
+def full_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among all items, history and padding masked.
+
+    scores (B, V) float, targets (B,) int64, history (B, L) int64 left-padded with 0 -> (B,).
+    """
+    s = scores.float().clone()  # (B, V)
+    s[:, 0] = float("-inf")
+    s.scatter_(1, history, float("-inf"))
+    t = s.gather(1, targets[:, None])  # (B, 1)
+    above = (s > t).sum(dim=1)
+    tied = (s == t).sum(dim=1) - 1  # the target itself is not a competitor
+    return above + tied
+
+
+def sampled_ranks(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    history: torch.Tensor,
+    generator: np.random.Generator,
+    n_negatives: int = SAMPLED_NEGATIVES,
+) -> torch.Tensor:
+    """0-based rank of each target among itself and ``n_negatives`` uniform negatives.
+
+    Negatives are drawn without replacement from items the shopper never interacted with
+    (history and target excluded), as S3-Rec's ``generate_test.py`` does.
+    """
+    n_items = scores.shape[1] - 1
+    ranks = torch.empty(len(targets), dtype=torch.int64)
+    for row in range(len(targets)):
+        seen = set(history[row].tolist()) | {int(targets[row]), 0}
+        if n_items - (len(seen) - 1) < n_negatives:
+            raise ValueError(f"catalogue too small for {n_negatives} negatives")
+        negatives: list[int] = []
+        while len(negatives) < n_negatives:
+            draw = generator.integers(1, n_items + 1, size=2 * n_negatives)
+            for item in draw.tolist():
+                if item not in seen:
+                    seen.add(item)
+                    negatives.append(item)
+                    if len(negatives) == n_negatives:
+                        break
+        cand = scores[row, negatives].float()
+        t = scores[row, targets[row]].float()
+        ranks[row] = int((cand >= t).sum())  # pessimistic: ties rank above the target
+    return ranks
+
+
+def hit_rate(ranks: torch.Tensor, k: int) -> float:
+    """HR@K (= Recall@K with one target): share of targets ranked in the top K."""
+    return float((ranks < k).float().mean()) if len(ranks) else 0.0
+
+
+def ndcg(ranks: torch.Tensor, k: int) -> float:
+    """NDCG@K with one relevant item: 1 / log2(rank + 2) inside the top K, else 0."""
+    if not len(ranks):
+        return 0.0
+    gain = 1.0 / torch.log2(ranks.double() + 2.0)
+    return float(torch.where(ranks < k, gain, torch.zeros_like(gain)).mean())
+
+
+def mrr(ranks: torch.Tensor, k: int) -> float:
+    """MRR@K: 1 / (rank + 1) inside the top K, else 0."""
+    if not len(ranks):
+        return 0.0
+    rr = 1.0 / (ranks.double() + 1.0)
+    return float(torch.where(ranks < k, rr, torch.zeros_like(rr)).mean())
+
+
+def ranking_metrics(ranks: torch.Tensor, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
+    """``{"hr@K", "ndcg@K", "mrr@K"}`` for every K."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"hr@{k}"] = hit_rate(ranks, k)
+        out[f"ndcg@{k}"] = ndcg(ranks, k)
+        out[f"mrr@{k}"] = mrr(ranks, k)
+    return out
+
+
+def catalogue_coverage(top_items: torch.Tensor, n_items: int) -> float:
+    """Share of the catalogue that appears in at least one top-K list; top_items (B, K)."""
+    if n_items <= 0:
+        return 0.0
+    distinct = torch.unique(top_items[top_items > 0])
+    return float(len(distinct)) / n_items
+
+
+def recommendation_effect(ratings: Sequence[float]) -> float:
+    """R = sum(r_i * [r_i > 0]) / N over the ratings of the N recommended items.
+
+    Unrated recommended items count with r_i = 0 (they are in N but add nothing).
+    """
+    if not ratings:
+        return 0.0
+    return sum(r for r in ratings if r > 0) / len(ratings)
+
+
+def user_interest(ratings: Sequence[float]) -> float:
+    """I_u = sum(r_i * [r_i > 0]) / M over the M items a shopper rated (4,3,1,5,2 -> 3)."""
+    if not ratings:
+        return 0.0
+    return sum(r for r in ratings if r > 0) / len(ratings)
+
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # items (B, T) -> last-position logits (B, V)
+
+
+@torch.no_grad()
+def evaluate_ranking(
+    score_fn: ScoreFn,
+    data: EvalSet,
+    max_len: int,
+    ks: Iterable[int] = DEFAULT_KS,
+    mode: str = "full",
+    batch_size: int = 512,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Rank every target of ``data`` with ``score_fn``; metrics plus ``n_users``.
+
+    ``mode`` is ``"full"`` (whole catalogue) or ``"sampled"`` (99 uniform negatives). The
+    model sees the last ``max_len`` history items; the whole history is masked.
+    """
+    if mode not in {"full", "sampled"}:
+        raise ValueError(f"unknown evaluation mode {mode!r}")
+    ks = tuple(ks)
+    rng = np.random.default_rng(seed)
+    histories = data.histories.item_lists()
+    all_ranks: list[torch.Tensor] = []
+    top_lists: list[torch.Tensor] = []
+    n_scored = 0
+    for start in range(0, len(data), batch_size):
+        hist = histories[start : start + batch_size]
+        inputs = torch.from_numpy(pad_left(hist, max_len))  # (B, L)
+        longest = max(1, max(len(h) for h in hist))
+        masked = torch.from_numpy(pad_left(hist, longest))  # (B, longest) full history
+        targets = torch.from_numpy(data.targets[start : start + batch_size])
+        scores = score_fn(inputs)  # (B, V)
+        n_scored = scores.shape[1] - 1
+        if mode == "full":
+            all_ranks.append(full_ranks(scores, targets, masked))
+            s = scores.float().clone()
+            s[:, 0] = float("-inf")
+            s.scatter_(1, masked, float("-inf"))
+            top_lists.append(torch.topk(s, min(max(ks), n_scored), dim=1).indices)
+        else:
+            all_ranks.append(sampled_ranks(scores, targets, masked, rng))
+    ranks = torch.cat(all_ranks) if all_ranks else torch.zeros(0, dtype=torch.int64)
+    out = ranking_metrics(ranks, ks)
+    out["n_users"] = float(len(ranks))
+    if top_lists:
+        out[f"coverage@{max(ks)}"] = catalogue_coverage(torch.cat(top_lists), n_scored)
+    if not math.isfinite(sum(out.values())):
+        raise ValueError("non-finite metric")
+    return out

@@ -1,0 +1,1 @@
+"""Local federated simulations on real or synthetic data with the production apps."""
