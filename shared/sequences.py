@@ -199,3 +199,98 @@ def serving_input(history: np.ndarray, max_len: int) -> np.ndarray:
     history gives the same scores in torch and in ONNX Runtime.
     """
     return pad_left([np.asarray(history, dtype=np.int64)], max_len)
+
+
+# A real ms timestamp is after 1995 (see shared.cleaning); order-only positions are tiny.
+_ORDER_ONLY_CEILING_MS = 10**11  # 1973-03-03
+
+
+def _prefix(seqs: UserSequences, lengths: np.ndarray) -> UserSequences:
+    """Each sequence cut to its first ``lengths[u]`` events."""
+    take = _ranges(seqs.offsets[:-1], lengths)
+    return UserSequences(
+        user_ids=seqs.user_ids,
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        items=seqs.items[take],
+        event_types=seqs.event_types[take],
+        ts_ms=seqs.ts_ms[take],
+    )
+
+
+def _first_at_or_after(seqs: UserSequences, t_ms: int) -> np.ndarray:
+    """Per shopper, the number of its events before ``t_ms`` (sequences are time-sorted)."""
+    before = np.r_[0, np.cumsum(seqs.ts_ms < t_ms)].astype(np.int64)
+    return before[seqs.offsets[1:]] - before[seqs.offsets[:-1]]
+
+
+def temporal_split(
+    seqs: UserSequences,
+    t_valid_ms: int,
+    t_test_ms: int,
+    *,
+    timestamps: str,
+    min_history: int = 1,
+) -> DataSplit:
+    """Global time split: train before ``t_valid_ms``, then one validation and one test target.
+
+    - train: every shopper's events with ``ts < t_valid_ms``;
+    - validation: each shopper's first event in ``[t_valid_ms, t_test_ms)``, with all of its
+      earlier events as history;
+    - test: each shopper's first event at or after ``t_test_ms``, with all earlier events
+      (validation window included) as history.
+
+    Shoppers whose history would be shorter than ``min_history`` are not evaluated.
+    ``timestamps`` is the dataset's `EventDataset.timestamps`; order-only positions are refused.
+    """
+    if timestamps != "real":
+        raise DataError(
+            "a time-based split needs wall-clock timestamps; this dataset only has the order "
+            "of events (use leave_one_out)"
+        )
+    if len(seqs.ts_ms) and int(seqs.ts_ms.max()) < _ORDER_ONLY_CEILING_MS:
+        raise DataError(
+            "timestamps look like positions, not milliseconds (all before 1973); "
+            "a time-based split needs wall-clock timestamps"
+        )
+    if not t_valid_ms < t_test_ms:
+        raise DataError(f"t_valid ({t_valid_ms}) must be before t_test ({t_test_ms})")
+    if min_history < 1:
+        raise DataError("min_history must be at least 1")
+    lengths = seqs.lengths
+    n_train = _first_at_or_after(seqs, t_valid_ms)
+    n_before_test = _first_at_or_after(seqs, t_test_ms)
+    train_all = _prefix(seqs, n_train)
+    nonempty = np.flatnonzero(n_train > 0)
+    train = train_all.select(nonempty) if len(nonempty) < len(seqs) else train_all
+
+    valid_users = np.flatnonzero((n_before_test > n_train) & (n_train >= min_history))
+    test_users = np.flatnonzero((lengths > n_before_test) & (n_before_test >= min_history))
+    return DataSplit(
+        train=train,
+        valid=EvalSet(
+            histories=_prefix(seqs, n_train).select(valid_users),
+            targets=seqs.items[seqs.offsets[valid_users] + n_train[valid_users]],
+        ),
+        test=EvalSet(
+            histories=_prefix(seqs, n_before_test).select(test_users),
+            targets=seqs.items[seqs.offsets[test_users] + n_before_test[test_users]],
+        ),
+        kind="temporal",
+    )
+
+
+def time_split_points(
+    seqs: UserSequences, valid_quantile: float = 0.8, test_quantile: float = 0.9
+) -> tuple[int, int]:
+    """``(t_valid_ms, t_test_ms)`` at the given quantiles of all event timestamps."""
+    if not 0.0 < valid_quantile < test_quantile < 1.0:
+        raise DataError("need 0 < valid_quantile < test_quantile < 1")
+    if seqs.n_events == 0:
+        raise DataError("no events to choose split times from")
+    t_valid, t_test = np.quantile(seqs.ts_ms, [valid_quantile, test_quantile], method="higher")
+    if not t_valid < t_test:
+        raise DataError(
+            f"the {valid_quantile:.0%} and {test_quantile:.0%} time quantiles coincide; "
+            "choose quantiles further apart"
+        )
+    return int(t_valid), int(t_test)
