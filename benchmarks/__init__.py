@@ -1,0 +1,1 @@
+"""Benchmark scripts; each prints its table and ratios (see docs/benchmarks.md)."""
