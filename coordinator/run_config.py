@@ -1,0 +1,240 @@
+"""The federation's settings: `[tool.flwr.app.config]` (kebab-case), read once into a dataclass.
+
+Every key of pyproject's ``[tool.flwr.app.config]`` is a field here (``num-rounds`` ->
+``num_rounds``) with the same default; `flwr run --run-config 'key=value ...'` overrides
+them. `RunConfig.from_mapping` checks types and ranges and names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from coordinator.errors import RunConfigError
+from shared.federated import default_state_dir
+
+Mode = Literal["rounds", "continuous"]
+StrategyName = Literal["fedavg", "fedadam", "fedmedian", "fedtrimmedavg"]
+PrivacyMode = Literal["store", "app", "none"]
+PublishPolicy = Literal["auto", "manual"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one federated run (defaults = pyproject's ``[tool.flwr.app.config]``)."""
+
+    # --- rounds and sites
+    mode: Mode = "rounds"  # "rounds": num-rounds then stop; "continuous": the feedback loop
+    num_rounds: int = 3  # rounds of this run ("continuous": the cap, 0 = no cap)
+    strategy: StrategyName = "fedavg"
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut off each tail
+    fedadam_eta: float = 0.01  # fedadam: server learning rate
+    fedadam_tau: float = 0.001  # fedadam: adaptivity
+    fraction_train: float = 1.0  # share of connected sites asked to train each round
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2  # a round waits for this many connected sites and asks at least these
+    quorum: int = 2  # valid updates needed to aggregate; fewer = round recorded as missed
+    round_timeout: float = 600.0  # seconds the server waits for replies in each phase
+    max_update_norm: float = 100.0  # L2 norm of (update - global) above which it is rejected
+    publish: PublishPolicy = "auto"  # "auto": each new version is served at once
+    # --- privacy
+    privacy_mode: PrivacyMode = "store"  # store: DP-SGD per site; app: client-level DP
+    noise_multiplier: float = 1.0  # store mode: DP-SGD noise (sigma)
+    max_grad_norm: float = 1.0  # store mode: per-shopper clipping bound
+    app_noise_multiplier: float = 1.0  # app mode: noise on the aggregate (sigma)
+    app_clipping_norm: float = 1.0  # app mode: clip of each device's update
+    app_target_delta: float = 1e-5  # app mode: delta for the accountant
+    app_population: int = 0  # app mode: devices in the population (0 = connected sites)
+    app_max_epsilon: float = 0.0  # app mode: stop before exceeding (0 = no cap)
+    secagg: bool = False  # SecAgg+ (legacy Flower workflow): the server sees only sums
+    secagg_num_shares: int = 3  # must be odd and > 2
+    secagg_threshold: int = 2  # shares needed to reconstruct; < num-shares
+    # Must exceed every site's num-examples, and stay close to it: each site's weight is
+    # quantised as num-examples / max-weight, so precision falls as max-weight grows.
+    secagg_max_weight: float = 1000.0
+    secagg_clipping_range: float = 8.0  # weights are clipped to +-this before quantisation
+    # --- local training (sent to sites with each round)
+    local_epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    # --- model and catalogue
+    model_kind: str = "gru"
+    model_config: str = "{}"  # JSON object merged over the model kind's defaults
+    catalogue: str = ""  # vocab.json or a model directory; "" = the registry's head model
+    init_model: str = ""  # model directory to start from; "" = registry head or fresh
+    seed: int = 0
+    eval_k: int = 10  # evaluation cut-off (HR@k, NDCG@k)
+    state_dir: str = ""  # "" = $FEDREC_STATE_DIR or ./state
+    # --- continuous mode (the feedback loop)
+    poll_interval: float = 30.0  # seconds between event-count queries
+    min_new_events: int = 100  # a site is "ready" with this many events since its last round
+    min_ready_sites: int = 2  # a round starts when this many sites are ready ...
+    round_interval: float = 0.0  # ... or when this many seconds passed (0 = never)
+    max_seconds: float = 0.0  # stop the loop after this long (0 = until `flwr stop`)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (``context.run_config``); unknown keys are errors."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise RunConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            field = known[key]
+            kwargs[field.name] = _coerce(key, value, hints[field.name])
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case form (what `from_mapping` reads)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def resolved_state_dir(self) -> Path:
+        """The state directory this run writes to."""
+        return Path(self.state_dir).resolve() if self.state_dir else default_state_dir()
+
+    @property
+    def registry_path(self) -> Path:
+        """The coordinator's SQLite registry."""
+        return self.resolved_state_dir / "coordinator" / "coordinator.db"
+
+    @property
+    def model_store(self) -> Path:
+        """Where the coordinator keeps a model directory per version."""
+        return self.resolved_state_dir / "coordinator" / "models"
+
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        """``model-config`` parsed (already checked to be a JSON object)."""
+        return dict(json.loads(self.model_config))
+
+    # ------------------------------------------------------------------ checks
+    def _check(self) -> None:
+        positive_ints = ("num_rounds", "local_epochs", "batch_size", "min_sites", "quorum")
+        for name in positive_ints:
+            value = getattr(self, name)
+            minimum = 0 if name == "num_rounds" else 1
+            if value < minimum:
+                raise RunConfigError(f"{_key(name)} must be >= {minimum}, got {value}")
+        if self.mode == "rounds" and self.num_rounds < 1:
+            raise RunConfigError("num-rounds must be >= 1 in mode 'rounds'")
+        for name in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise RunConfigError(f"{_key(name)} must be in [0, 1], got {value}")
+        if self.fraction_train == 0.0:
+            raise RunConfigError("fraction-train must be > 0")
+        if self.quorum > self.min_sites:
+            raise RunConfigError(
+                f"quorum ({self.quorum}) cannot exceed min-sites ({self.min_sites}): "
+                "every round would miss it"
+            )
+        positive_floats = (
+            "round_timeout",
+            "learning_rate",
+            "max_grad_norm",
+            "app_clipping_norm",
+            "secagg_max_weight",
+            "secagg_clipping_range",
+            "poll_interval",
+            "fedadam_eta",
+            "fedadam_tau",
+        )
+        for name in positive_floats:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise RunConfigError(f"{_key(name)} must be a positive number, got {value}")
+        for name in ("noise_multiplier", "app_noise_multiplier", "max_update_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise RunConfigError(f"{_key(name)} must be >= 0, got {value}")
+        for name in ("app_target_delta",):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise RunConfigError(f"{_key(name)} must be in (0, 1), got {value}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise RunConfigError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.eval_k < 1:
+            raise RunConfigError(f"eval-k must be >= 1, got {self.eval_k}")
+        try:
+            overrides = json.loads(self.model_config)
+        except json.JSONDecodeError as err:
+            raise RunConfigError(f"model-config is not valid JSON: {err}") from err
+        if not isinstance(overrides, dict):
+            raise RunConfigError("model-config must be a JSON object")
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        if self.privacy_mode == "app":
+            if self.app_noise_multiplier <= 0:
+                raise RunConfigError("app mode needs app-noise-multiplier > 0")
+            if self.secagg:
+                raise RunConfigError(
+                    "secagg cannot be combined with privacy-mode 'app' in flwr 1.42: "
+                    "Flower's client-level DP wrappers exist only in the Message API and "
+                    "SecAgg+ only in the legacy API"
+                )
+            if self.strategy != "fedavg":
+                raise RunConfigError(
+                    "privacy-mode 'app' needs strategy 'fedavg' (Flower's accountant "
+                    "requires plain FedAvg aggregation)"
+                )
+        if self.secagg:
+            if self.secagg_num_shares <= 2 or self.secagg_num_shares % 2 == 0:
+                # An even number makes every client fail in `_share_keys` while the round
+                # still "completes" having aggregated nothing (stack findings).
+                raise RunConfigError(
+                    f"secagg-num-shares must be odd and > 2, got {self.secagg_num_shares}"
+                )
+            if not 2 <= self.secagg_threshold < self.secagg_num_shares:
+                raise RunConfigError(
+                    "secagg-threshold must be >= 2 and < secagg-num-shares, got "
+                    f"{self.secagg_threshold}"
+                )
+            if self.strategy != "fedavg":
+                raise RunConfigError("secagg sums updates: it needs strategy 'fedavg'")
+            if self.mode == "continuous":
+                raise RunConfigError("secagg runs a fixed number of rounds (mode 'rounds')")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one run-config value against its field's type; ints widen to floats."""
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise RunConfigError(f"{key} must be one of {', '.join(map(str, allowed))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RunConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RunConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RunConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RunConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise RunConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover

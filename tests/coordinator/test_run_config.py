@@ -1,0 +1,78 @@
+"""RunConfig: pyproject defaults, types, ranges and the SecAgg+/app-mode guards."""
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from coordinator.errors import RunConfigError
+from coordinator.run_config import RunConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_pyproject_declares_every_key_with_the_dataclass_default() -> None:
+    # Arrange
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    # Act
+    cfg = RunConfig.from_mapping(declared)
+    # Assert: same keys, and the pyproject values are the dataclass defaults
+    assert set(declared) == {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    assert cfg == RunConfig()
+
+
+def test_round_trip_through_kebab_case() -> None:
+    cfg = RunConfig(num_rounds=7, strategy="fedtrimmedavg", trim_beta=0.1)
+    assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+def test_int_widens_to_float_but_not_the_reverse() -> None:
+    assert RunConfig.from_mapping({"round-timeout": 30}).round_timeout == 30.0
+    with pytest.raises(RunConfigError, match="num-rounds must be an integer"):
+        RunConfig.from_mapping({"num-rounds": 2.5})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"no-such-key": 1}, "unknown run-config key"),
+        ({"strategy": "fedsgd"}, "strategy must be one of"),
+        ({"secagg": 1}, "secagg must be true or false"),
+        ({"quorum": 3, "min-sites": 2}, "quorum"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"app-target-delta": 0.0}, "app-target-delta"),
+        ({"model-config": "[1, 2]"}, "JSON object"),
+        ({"model-config": "{oops"}, "not valid JSON"),
+        ({"trim-beta": 0.5}, "trim-beta"),
+    ],
+)
+def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:
+    with pytest.raises(RunConfigError, match=message):
+        RunConfig.from_mapping(values)
+
+
+def test_secagg_needs_an_odd_number_of_shares() -> None:
+    # An even share count fails silently in Flower (every client errors, the round
+    # "completes"), so it is refused up front.
+    with pytest.raises(RunConfigError, match="odd"):
+        RunConfig(secagg=True, secagg_num_shares=4)
+    with pytest.raises(RunConfigError, match="threshold"):
+        RunConfig(secagg=True, secagg_num_shares=3, secagg_threshold=3)
+    assert RunConfig(secagg=True, secagg_num_shares=5, secagg_threshold=3).secagg
+
+
+def test_app_mode_excludes_secagg_and_robust_aggregation() -> None:
+    with pytest.raises(RunConfigError, match="secagg"):
+        RunConfig(privacy_mode="app", secagg=True)
+    with pytest.raises(RunConfigError, match="fedavg"):
+        RunConfig(privacy_mode="app", strategy="fedmedian")
+
+
+def test_state_dir_defaults_to_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDREC_STATE_DIR", str(tmp_path))
+    cfg = RunConfig()
+    assert cfg.registry_path == tmp_path / "coordinator" / "coordinator.db"
+    assert RunConfig(state_dir=str(tmp_path / "x")).model_store == tmp_path / "x/coordinator/models"
