@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.ab_cli import app as ab_app
 from coordinator.errors import CoordinatorError
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ models_app = typer.Typer(
     context_settings=CONTEXT,
 )
 app.add_typer(models_app, name="models")
+app.add_typer(ab_app, name="ab")
 
 StateDir = Annotated[
     Path | None,

@@ -153,7 +153,24 @@ class Federation:
             module = build_model(cfg.model_kind, {**cfg.model_overrides, "n_items": vocab.n_items})
         except ModelError as err:
             raise RunConfigError(str(err)) from err
-        return self._register_new(module, vocab, parent=None, round_number=None, note="fresh")
+        note = "fresh"
+        if cfg.item_attributes:
+            note = self._init_from_attributes(module, vocab)
+        return self._register_new(module, vocab, parent=None, round_number=None, note=note)
+
+    def _init_from_attributes(self, module: torch.nn.Module, vocab: ItemVocab) -> str:
+        """Item tables from the catalogue's public attributes (no privacy cost)."""
+        from shared.item_vectors import init_item_tables, read_item_attributes
+
+        cfg = self.cfg
+        tables = [t.strip() for t in cfg.item_attribute_tables.split(",") if t.strip()]
+        try:
+            attributes = read_item_attributes(Path(cfg.item_attributes))
+            names = init_item_tables(module, vocab, attributes, tables)
+        except FedrecError as err:
+            raise RunConfigError(f"item-attributes {cfg.item_attributes}: {err}") from err
+        log.info("item tables %s from the attributes in %s", names, cfg.item_attributes)
+        return f"fresh, {' and '.join(names)} from public item attributes"
 
     def _demo_catalogue(self) -> Path | None:
         """``<state>/sites/catalogue.json`` (written with simulated sites), if present."""
@@ -258,6 +275,14 @@ class Federation:
                 accountant="rdp",
                 mechanism=f"client-level DP (app mode){secagg}",
             )
+        if cfg.privacy_mode == "distributed":
+            return PrivacyStatement(
+                unit="shopper",
+                epsilon=epsilon,
+                delta=cfg.dist_delta,
+                accountant="prv",
+                mechanism="distributed dp-fedsgd (noise shares summed under SecAgg+)",
+            )
         deltas = self.registry.site_deltas()
         return PrivacyStatement(
             unit="shopper",
@@ -309,10 +334,26 @@ class Federation:
             max_grad_norm=cfg.max_grad_norm,
             seed=cfg.seed + number,
             eval_k=cfg.eval_k,
+            **self._distributed_instructions(),
             model_meta=self.version_meta(model.version),
             serve_meta=self.version_meta(serve) if serve != model.version else {},
         )
         return ConfigRecord(instr.to_config())
+
+    def _distributed_instructions(self) -> dict[str, Any]:
+        """Distributed-DP settings of a round (docs/privacy.md); {} in the other modes."""
+        cfg = self.cfg
+        if cfg.privacy_mode != "distributed":
+            return {}
+        from coordinator.distributed_dp import noise_shares, share_scale
+
+        return {
+            "sample_rate": cfg.dist_sample_rate,
+            "noise_shares": noise_shares(cfg),
+            "share_scale": share_scale(cfg),
+            "share_range": cfg.secagg_clipping_range,
+            "frozen": ",".join(cfg.frozen_parameters),
+        }
 
     def serve_target(self, evaluated: str) -> tuple[str, ArrayRecord | None]:
         """The published version and, when it is not ``evaluated``, its weights."""
@@ -614,11 +655,13 @@ class Federation:
         return counts
 
     def run(self, strategy: GuardedStrategy) -> None:
-        """Fixed rounds or the continuous loop, per the run config."""
+        """Fixed rounds or the continuous loop, per the run config (A/B sync around rounds)."""
         cfg = self.cfg
+        self.sync_ab()
         if cfg.mode == "rounds":
             for _ in range(cfg.num_rounds):
                 self.train_round(strategy)
+                self.sync_ab()
             return
         started = time.monotonic()
         last_round = time.monotonic()
@@ -642,10 +685,17 @@ class Federation:
                     len(counts),
                 )
                 self.train_round(strategy)
+                self.sync_ab()
                 done += 1
                 last_round = time.monotonic()
                 continue
             time.sleep(cfg.poll_interval)
+
+    def sync_ab(self) -> None:
+        """Send A/B experiments to the sites and collect their counts (never fails the run)."""
+        from coordinator.ab_sync import sync_quietly
+
+        sync_quietly(self.grid, self.cfg.registry_path, timeout=self.cfg.round_timeout)
 
     def close(self, status: str, detail: str = "") -> None:
         """Record the run's end."""

@@ -21,7 +21,7 @@ from shared.federated import default_state_dir
 
 Mode = Literal["rounds", "continuous"]
 StrategyName = Literal["fedavg", "fedadam", "fedmedian", "fedtrimmedavg"]
-PrivacyMode = Literal["store", "app", "none"]
+PrivacyMode = Literal["store", "app", "distributed", "none"]
 PublishPolicy = Literal["auto", "manual"]
 
 
@@ -59,6 +59,16 @@ class RunConfig:
     # quantised as num-examples / max-weight, so precision falls as max-weight grows.
     secagg_max_weight: float = 1000.0
     secagg_clipping_range: float = 8.0  # weights are clipped to +-this before quantisation
+    # --- distributed DP-FedSGD under SecAgg+ (privacy-mode "distributed"; docs/privacy.md)
+    dist_sample_rate: float = 0.1  # q: each shopper joins a round with this probability
+    dist_noise_shares: int = 0  # m: each site adds sigma C / sqrt(m) noise (0 = quorum)
+    dist_server_lr: float = 0.01  # server Adam step size on the noisy mean gradient
+    dist_epsilon_budget: float = 0.0  # population epsilon cap at the coordinator (0 = none)
+    dist_delta: float = 1e-5  # delta of the coordinator's population ledger
+    # sigma of the DP item counts that seed the output bias in the run's first round
+    # (0 = no popularity release; it is one of num-rounds)
+    dist_popularity_noise: float = 0.0
+    frozen: str = ""  # comma-separated parameter names not trained (public item vectors)
     # --- local training (sent to sites with each round)
     local_epochs: int = 1
     batch_size: int = 64
@@ -67,6 +77,10 @@ class RunConfig:
     model_kind: str = "gru"
     model_config: str = "{}"  # JSON object merged over the model kind's defaults
     catalogue: str = ""  # vocab.json or a model directory; "" = the registry's head model
+    # A fresh model's item tables from public attributes ({"item": [attr, ...]} JSON; "" =
+    # random init), in the tables named ("input", "output"): shared.item_vectors.
+    item_attributes: str = ""
+    item_attribute_tables: str = "input,output"
     init_model: str = ""  # model directory to start from; "" = registry head or fresh
     seed: int = 0
     eval_k: int = 10  # evaluation cut-off (HR@k, NDCG@k)
@@ -115,6 +129,11 @@ class RunConfig:
     def model_store(self) -> Path:
         """Where the coordinator keeps a model directory per version."""
         return self.resolved_state_dir / "coordinator" / "models"
+
+    @property
+    def frozen_parameters(self) -> tuple[str, ...]:
+        """``frozen`` split into parameter names."""
+        return tuple(name.strip() for name in self.frozen.split(",") if name.strip())
 
     @property
     def model_overrides(self) -> dict[str, Any]:
@@ -192,6 +211,16 @@ class RunConfig:
                     "privacy-mode 'app' needs strategy 'fedavg' (Flower's accountant "
                     "requires plain FedAvg aggregation)"
                 )
+        tables = [t.strip() for t in self.item_attribute_tables.split(",") if t.strip()]
+        if not tables or set(tables) - {"input", "output"}:
+            raise RunConfigError(
+                "item-attribute-tables must name input and/or output, got "
+                f"{self.item_attribute_tables!r}"
+            )
+        if self.privacy_mode == "distributed":
+            self._check_distributed()
+        elif self.frozen_parameters:
+            raise RunConfigError("frozen is used by privacy-mode 'distributed' only")
         if self.secagg:
             if self.secagg_num_shares <= 2 or self.secagg_num_shares % 2 == 0:
                 # An even number makes every client fail in `_share_keys` while the round
@@ -208,6 +237,43 @@ class RunConfig:
                 raise RunConfigError("secagg sums updates: it needs strategy 'fedavg'")
             if self.mode == "continuous":
                 raise RunConfigError("secagg runs a fixed number of rounds (mode 'rounds')")
+
+    def _check_distributed(self) -> None:
+        if not self.secagg:
+            # Without SecAgg+ the coordinator would see each site's share, which carries
+            # only 1/m of the noise: the guarantee would not hold against it.
+            raise RunConfigError(
+                "privacy-mode 'distributed' needs secagg = true: each site's share carries "
+                "only part of the noise, so the coordinator must see nothing but their sum"
+            )
+        if not self.noise_multiplier > 0:
+            raise RunConfigError("privacy-mode 'distributed' needs noise-multiplier > 0")
+        if not 0.0 < self.dist_sample_rate <= 1.0:
+            raise RunConfigError(f"dist-sample-rate must be in (0, 1], got {self.dist_sample_rate}")
+        if self.dist_noise_shares < 0 or self.dist_noise_shares > self.quorum:
+            raise RunConfigError(
+                f"dist-noise-shares must be in [0, quorum={self.quorum}] (0 = quorum), got "
+                f"{self.dist_noise_shares}: the coordinator must never sum fewer shares "
+                "than the noise is sized for"
+            )
+        if not (math.isfinite(self.dist_server_lr) and self.dist_server_lr > 0):
+            raise RunConfigError(f"dist-server-lr must be > 0, got {self.dist_server_lr}")
+        if not (math.isfinite(self.dist_epsilon_budget) and self.dist_epsilon_budget >= 0):
+            raise RunConfigError(
+                f"dist-epsilon-budget must be >= 0, got {self.dist_epsilon_budget}"
+            )
+        if not 0.0 < self.dist_delta < 1.0:
+            raise RunConfigError(f"dist-delta must be in (0, 1), got {self.dist_delta}")
+        if not (math.isfinite(self.dist_popularity_noise) and self.dist_popularity_noise >= 0):
+            raise RunConfigError(
+                f"dist-popularity-noise must be >= 0, got {self.dist_popularity_noise}"
+            )
+        if self.dist_popularity_noise > 0 and self.num_rounds < 2:
+            raise RunConfigError(
+                "dist-popularity-noise takes the run's first round: num-rounds must be >= 2"
+            )
+        if len(set(self.frozen_parameters)) != len(self.frozen_parameters):
+            raise RunConfigError("frozen names a parameter twice")
 
 
 def _key(name: str) -> str:

@@ -44,6 +44,7 @@ from flwr.serverapp import Grid
 from coordinator.errors import UpdateRejectedError
 from coordinator.federation import Federation, to_numpy
 from coordinator.registry import RoundSummary, SiteResult
+from coordinator.run_config import RunConfig
 from coordinator.strategy import GuardedStrategy, build_aggregator, wait_for_nodes
 from coordinator.validation import check_update
 
@@ -250,8 +251,26 @@ def _mean_metrics(results: list[tuple[ClientProxy, FitRes]]) -> dict[str, float]
     return out
 
 
-def run_secagg(federation: Federation, grid: Grid, context: Context) -> None:
-    """Run ``num-rounds`` SecAgg+ rounds through Flower's legacy DefaultWorkflow."""
+def _evaluation_config(cfg: RunConfig) -> RunConfig:
+    """The settings of the (plain Message-API) evaluation phase of a SecAgg+ run."""
+    if cfg.privacy_mode == "distributed":
+        return replace(cfg, secagg=False, strategy="fedavg", privacy_mode="none", frozen="")
+    return replace(cfg, secagg=False, strategy="fedavg")
+
+
+def run_secagg(
+    federation: Federation,
+    grid: Grid,
+    context: Context,
+    *,
+    strategy_cls: type[SecAggFedAvg] = SecAggFedAvg,
+    max_weight: float | None = None,
+) -> None:
+    """Run ``num-rounds`` SecAgg+ rounds through Flower's legacy DefaultWorkflow.
+
+    ``strategy_cls`` aggregates the unmasked result (distributed DP passes its own);
+    ``max_weight`` overrides ``secagg-max-weight`` (distributed DP: every share weighs 1).
+    """
     cfg = federation.cfg
     connected = wait_for_nodes(grid, cfg.min_sites, timeout=cfg.round_timeout)
     if len(connected) < cfg.min_sites:
@@ -260,7 +279,7 @@ def run_secagg(federation: Federation, grid: Grid, context: Context) -> None:
             f"SecAgg+ needs min-sites={cfg.min_sites}"
         )
     keys = list(federation.model.arrays.keys())
-    strategy = SecAggFedAvg(
+    strategy = strategy_cls(
         federation,
         keys,
         fraction_fit=cfg.fraction_train,
@@ -270,7 +289,7 @@ def run_secagg(federation: Federation, grid: Grid, context: Context) -> None:
         accept_failures=True,
     )
     evaluator = GuardedStrategy(
-        build_aggregator(replace(cfg, secagg=False, strategy="fedavg")),
+        build_aggregator(_evaluation_config(cfg)),
         max_update_norm=cfg.max_update_norm,
         quorum=cfg.quorum,
     )
@@ -296,7 +315,7 @@ def run_secagg(federation: Federation, grid: Grid, context: Context) -> None:
         fit_workflow=SecAggPlusWorkflow(
             num_shares=cfg.secagg_num_shares,
             reconstruction_threshold=cfg.secagg_threshold,
-            max_weight=cfg.secagg_max_weight,
+            max_weight=cfg.secagg_max_weight if max_weight is None else max_weight,
             clipping_range=cfg.secagg_clipping_range,
             timeout=cfg.round_timeout,
         ),

@@ -24,7 +24,11 @@ def main(grid: Grid, context: Context) -> None:
     federation = Federation(cfg, grid, context.run_id)
     status, detail = "failed", ""
     try:
-        if cfg.secagg:
+        if cfg.privacy_mode == "distributed":
+            from coordinator.distributed_dp import run_distributed
+
+            run_distributed(federation, grid, context)
+        elif cfg.secagg:
             from coordinator.secagg import run_secagg
 
             run_secagg(federation, grid, context)

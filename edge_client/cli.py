@@ -205,14 +205,19 @@ def status(
     model_dir: Annotated[
         Path | None, typer.Option("--model-dir", help="The site's models directory.")
     ] = None,
+    window_days: Annotated[
+        float, typer.Option(help="Window of the R and I_u indicators, in days.", min=0.001)
+    ] = 30.0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Rows, shoppers, items, time span and disk use of a site, and its model version.
+    """Rows, shoppers, items, disk use, model version, indicators R and I_u, A/B test.
 
     Example: fedrec edge status --db state/site/site.db --model-dir state/site/models --json
     """
     with _one_line_errors():
+        from edge_client.ab_site import ABSite
         from edge_client.inference import installed_versions, read_current_version
+        from edge_client.outcomes import site_indicators
         from edge_client.store import EventStore
         from shared.artifacts import read_metadata
 
@@ -221,6 +226,13 @@ def status(
             stats = store.stats()
         finally:
             store.close()
+        ind = site_indicators(db, window_days)
+        with ABSite(db) as ab_site:
+            running = ab_site.running()
+            ab_state: dict[str, Any] = {
+                "running": running.to_dict() if running else None,
+                "epsilon_spent": ab_site.epsilon_spent(),
+            }
         model: dict[str, Any] = {}
         if model_dir is not None:
             current = read_current_version(model_dir)
@@ -236,7 +248,8 @@ def status(
                     privacy=meta.privacy.describe(),
                 )
         if as_json:
-            typer.echo(json.dumps({"store": stats, "model": model}))
+            payload = {"store": stats, "model": model, "indicators": ind.to_dict(), "ab": ab_state}
+            typer.echo(json.dumps(payload))
             return
         table = Table(title=f"site store {db}", title_justify="left")
         table.add_column("what")
@@ -253,6 +266,21 @@ def status(
             if model.get("privacy"):
                 table.add_row("privacy", str(model["privacy"]))
             table.add_row("installed versions", str(len(model["installed"])))
+        days = f"{window_days:g} days"
+        table.add_row(
+            f"recommendation effect R ({days})",
+            f"{ind.recommendation_effect:.3f} explicit, {ind.recommendation_effect_implicit:.3f}"
+            f" implicit over N={ind.recommended_pairs:,} recommended pairs",
+        )
+        table.add_row(
+            f"user interest I_u ({days})",
+            f"{ind.user_interest:.3f} explicit ({ind.raters:,} raters), "
+            f"{ind.user_interest_implicit:.3f} implicit ({ind.active_shoppers:,} shoppers)",
+        )
+        if running is not None:
+            arms = ", ".join(f"{a.name}={a.version} ({a.weight:g})" for a in running.arms)
+            table.add_row("A/B experiment", f"{running.experiment_id}: {arms}")
+        table.add_row("A/B epsilon spent", f"{ab_state['epsilon_spent']:.3g}")
         Console().print(table)
 
 

@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
-from shared import federated
+from shared import ab, federated
 from shared.federated import RoundInstructions
 
 if TYPE_CHECKING:
@@ -67,8 +67,11 @@ def train(msg: Message, context: Context) -> Message:
     site = Site.from_node_config(context.node_config)
     with _public_errors(site):
         if LEGACY_FIT_PARAMETERS in msg.content.array_records:
-            return Message(_legacy_train(site, msg.content), reply_to=msg)
+            masked = SECAGG_CONFIGS in msg.content.config_records
+            return Message(_legacy_train(site, msg.content, masked=masked), reply_to=msg)
         instr = RoundInstructions.from_config(msg.content.config_records[federated.CONFIG])
+        if instr.privacy_mode == "distributed":
+            raise _unmasked_share_refusal()
         state = msg.content.array_records[federated.ARRAYS].to_torch_state_dict()
         outcome = train_site(site, instr, state)
         content = RecordDict(
@@ -124,20 +127,58 @@ def query(msg: Message, context: Context) -> Message:
         return Message(content, reply_to=msg)
 
 
-def _legacy_train(site: Site, content: RecordDict) -> RecordDict:
+@app.query(ab.AB_SYNC)
+def ab_sync(msg: Message, context: Context) -> Message:
+    """A/B testing: store the experiments; reply with per-arm aggregate counts only."""
+    from edge_client.ab_messages import sync_content
+    from edge_client.federated_site import Site
+
+    site = Site.from_node_config(context.node_config)
+    with _public_errors(site):
+        content = sync_content(site, msg.content, context.node_config, _site_record(site))
+        return Message(content, reply_to=msg)
+
+
+@app.query(ab.AB_MODELS)
+def ab_models(msg: Message, context: Context) -> Message:
+    """A/B testing: store the arm models the site lacked; reply with how many."""
+    from edge_client.ab_messages import models_content
+    from edge_client.federated_site import Site
+
+    site = Site.from_node_config(context.node_config)
+    with _public_errors(site):
+        return Message(models_content(site, msg.content, _site_record(site)), reply_to=msg)
+
+
+def _unmasked_share_refusal() -> Exception:
+    from edge_client.federated_site import SiteRefusedError
+
+    # A distributed-DP share carries only 1/m of the noise: sent in the clear, the
+    # coordinator could learn far more than the (epsilon, delta) the site accounts for.
+    return SiteRefusedError(
+        "distributed DP: the site sends its share only masked by SecAgg+ (secagg = true)"
+    )
+
+
+def _legacy_train(site: Site, content: RecordDict, *, masked: bool) -> RecordDict:
     """Train for a SecAgg+ round, which speaks Flower's legacy FitIns/FitRes.
 
-    Legacy weights are unnamed: they travel in the model's state_dict order.
+    Legacy weights are unnamed: they travel in the model's state_dict order. ``masked``:
+    the message came through ``secaggplus_mod`` (its stage configs are present), so what
+    this returns is masked before it leaves; a distributed-DP share is refused otherwise.
     """
     import torch
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from edge_client.federated_site import SiteRefusedError, train_site
+    from edge_client.federated_site import SiteRefusedError, share_site, train_site
     from shared.models import build_model
 
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     instr = RoundInstructions.from_config(fitins.config)
+    distributed = instr.privacy_mode == "distributed"
+    if distributed and not masked:
+        raise _unmasked_share_refusal()
     template = build_model(
         instr.model_kind, {**instr.model_config, "n_items": instr.catalogue.n_items}
     )
@@ -146,7 +187,7 @@ def _legacy_train(site: Site, content: RecordDict) -> RecordDict:
     if len(arrays) != len(keys):
         raise SiteRefusedError(f"received {len(arrays)} arrays, the model has {len(keys)}")
     state = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
-    outcome = train_site(site, instr, state)
+    outcome = share_site(site, instr, state) if distributed else train_site(site, instr, state)
     if outcome.weights is None:
         # A refusal cannot be a masked vector; SecAgg+ treats this site as dropped out.
         raise SiteRefusedError(outcome.reason)

@@ -383,8 +383,9 @@ class GhostLinear(_BookKeeping, nn.Linear):
         rows, a, g = self._dp_pending  # rows[i] = shopper of row i; a (N, in), g (N, out)
         self._dp_pending = None
         c = coef.to(g.dtype)[rows]  # (N,)
-        _add_grad(self.weight, g.t() @ (a * c.unsqueeze(1)))  # (out, in)
-        if self.bias is not None:
+        if self.weight.requires_grad:  # a frozen weight (public features) gets no update
+            _add_grad(self.weight, g.t() @ (a * c.unsqueeze(1)))  # (out, in)
+        if self.bias is not None and self.bias.requires_grad:
             _add_grad(self.bias, c @ g)
 
 
@@ -564,11 +565,14 @@ def to_dp_model(model: nn.Module) -> nn.Module:
         nn.Linear: GhostLinear.from_linear,
         nn.LayerNorm: GhostLayerNorm.from_layer_norm,
     }
+    trainable = {name: p.requires_grad for name, p in dp.named_parameters()}
     for parent in list(dp.modules()):
         for name, child in list(parent.named_children()):
             swap = swaps.get(type(child))
             if swap is not None and any(True for _ in child.parameters()):
                 setattr(parent, name, swap(child))
+    for name, p in dp.named_parameters():
+        p.requires_grad_(trainable[name])  # the swapped layers' fresh parameters
     return dp
 
 
@@ -706,8 +710,12 @@ class DPSGDEngine:
         self.layers = [m for m in self.dp_model.modules() if isinstance(m, _BookKeeping)]
         # The norm pass asks autograd for the tables' gradients only: every layer between the
         # loss and the embeddings still runs its hook, and no other weight gradient is built.
+        # A frozen table (item vectors from public attributes) cannot be an anchor: then
+        # the pass asks for every trainable parameter instead.
         self.anchors = [
-            m.weight for m in self.dp_model.modules() if isinstance(m, PadAwareEmbedding)
+            m.weight
+            for m in self.dp_model.modules()
+            if isinstance(m, PadAwareEmbedding) and m.weight.requires_grad
         ]
         self.optimizer = DPOptimizerFastGradientClipping(
             torch.optim.Adam(self.params, lr=lr),

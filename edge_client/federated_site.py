@@ -244,12 +244,15 @@ def set_current(site: Site, version: str) -> bool:
 
 
 def prune_models(site: Site, keep: int = KEEP_MODEL_VERSIONS) -> None:
-    """Delete all but the ``keep`` newest received versions (never the one served)."""
+    """Delete all but the ``keep`` newest received versions (never one served or A/B-tested)."""
+    from edge_client.ab_site import pinned_versions
+
     current = current_version(site)
+    pinned = pinned_versions(site.db_path)  # arms of a running A/B experiment
     dirs = [d for d in site.models_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
     dirs.sort(key=lambda d: d.stat().st_mtime, reverse=True)
     for stale in dirs[keep:]:
-        if stale.name != current:
+        if stale.name != current and stale.name not in pinned:
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -412,6 +415,92 @@ def train_site(
     if not all(math.isfinite(v) for v in metrics.values()):
         raise EdgeError("local training produced a non-finite metric")
     return TrainOutcome(weights=weights, metrics=metrics)
+
+
+def share_config(site: Site, instr: RoundInstructions) -> Any:
+    """The `ShareConfig` of a distributed round.
+
+    The coordinator's settings, the site's own budget and delta (the coordinator cannot
+    raise them).
+    """
+    from edge_client.distributed_dp import ShareConfig
+
+    return ShareConfig(
+        sample_rate=instr.sample_rate,
+        noise_multiplier=instr.noise_multiplier,
+        max_grad_norm=instr.max_grad_norm,
+        noise_shares=instr.noise_shares,
+        share_scale=instr.share_scale,
+        share_range=instr.share_range,
+        delta=site.delta,
+        epsilon_budget=site.epsilon_budget,
+        frozen=frozenset(n.strip() for n in instr.frozen.split(",") if n.strip()),
+        device=site.device,
+    )
+
+
+def share_site(
+    site: Site, instr: RoundInstructions, state: Mapping[str, torch.Tensor]
+) -> TrainOutcome:
+    """The site's share of a distributed DP-FedSGD round (`edge_client.distributed_dp`).
+
+    Only call this where the share leaves masked by SecAgg+ (the ClientApp checks). The
+    reply's ``weights`` are the share (not model weights); ``shoppers`` is the site's
+    shopper count, which the coordinator needs for the expected batch q N.
+    """
+    from edge_client.distributed_dp import (
+        ShareRangeError,
+        noisy_clipped_sum,
+        noisy_item_counts,
+    )
+    from edge_client.errors import PrivacyBudgetExceeded
+    from edge_client.privacy_ledger import PrivacyLedger
+
+    if instr.privacy_mode != "distributed":
+        raise SiteRefusedError(f"not a distributed-DP round ({instr.privacy_mode!r})")
+    tasks = {"gradient": noisy_clipped_sum, "popularity": noisy_item_counts}
+    if instr.dp_task not in tasks:
+        raise SiteRefusedError(f"unknown distributed-DP task {instr.dp_task!r}")
+    started = time.monotonic()
+    model = receive(site, instr, state)
+    split, _, newest = load_split(site, instr.catalogue)
+    counts = event_counts(site)
+    config = share_config(site, instr)
+    ledger = PrivacyLedger(site.db_path)
+    try:
+        result = tasks[instr.dp_task](
+            model, split.train, config, ledger, model_version=instr.model_version
+        )
+    except PrivacyBudgetExceeded as err:
+        return _refusal(site, str(err), err.spent, counts, instr)
+    except (ShareRangeError, DataError) as err:
+        spent, _ = privacy_spent(site)
+        return _refusal(site, str(err), spent, counts, instr)
+    finally:
+        ledger.close()
+    write_state(
+        site,
+        {
+            "last_round": instr.server_round,
+            "watermark_ts_ms": newest,
+            "events_at_last_round": counts["events"],
+        },
+    )
+    metrics = {
+        # Every share weighs the same in the secure sum; the count sets q N at the server.
+        "num-examples": 1.0,
+        "shoppers": float(result.num_shoppers),
+        # No training loss: it would be an unnoised function of the sampled shoppers.
+        "train-loss": 0.0,
+        "epsilon": float(result.epsilon),
+        "epsilon-rdp": float(result.epsilon_rdp),
+        "delta": float(result.delta),
+        "epsilon-budget": site.epsilon_budget,
+        "new-events": counts["new-events"],
+        "refused": 0.0,
+        "train-seconds": time.monotonic() - started,
+    }
+    return TrainOutcome(weights=result.share, metrics=metrics)
 
 
 def _refusal(

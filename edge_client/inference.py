@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -30,8 +31,11 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_client.errors import EdgeError, ModelRejectedError
+from edge_client.explain import ItemExplainer
+from edge_client.quantize import Precision, QuantizationError, int8_copy
 from shared.artifacts import ONNX_FILE, VOCAB_FILE, ModelMetadata, verify_model_dir
 from shared.errors import ModelError, VocabError
+from shared.explanations import EXPLAIN_FILE, read_explanations
 from shared.sequences import pad_left, serving_input
 from shared.vocab import PAD_INDEX, ItemVocab
 
@@ -44,6 +48,9 @@ INPUT_NAMES = ("items", "exclude")
 OUTPUT_NAMES = ("scores", "item_ids")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _NO_EXCLUDE = np.zeros((1, 1), dtype=np.int64)
+# An int8 copy must rank like its fp32 graph: mean top-10 overlap on probe histories.
+MIN_INT8_OVERLAP = 0.7
+INT8_PROBES = 32
 
 SwapStatus = Literal["swapped", "unchanged", "rejected", "no-model"]
 
@@ -122,6 +129,8 @@ class LoadedModel:
     item_ids: tuple[str, ...]  # raw id of vocab index i is item_ids[i - 1]
     index: dict[str, int]
     loaded_at: float
+    precision: str = "fp32"  # "int8" when the quantized copy serves
+    explainer: ItemExplainer | None = None  # None: a directory without explain.npz
 
     @property
     def max_len(self) -> int:
@@ -172,8 +181,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_model(model_dir: Path, *, intra_op_threads: int = 1) -> LoadedModel:
-    """Verify, load and smoke-test one model directory; `ModelRejectedError` on any fault."""
+def load_model(
+    model_dir: Path, *, intra_op_threads: int = 1, quantize: Precision = "none"
+) -> LoadedModel:
+    """Verify, load and smoke-test one model directory; `ModelRejectedError` on any fault.
+
+    With ``quantize="int8"`` the int8 copy (`edge_client.quantize`) serves when it passes
+    the same checks and ranks like the fp32 graph; otherwise fp32 serves (logged).
+    """
     import onnxruntime as ort
 
     try:
@@ -213,7 +228,94 @@ def load_model(model_dir: Path, *, intra_op_threads: int = 1) -> LoadedModel:
         loaded_at=time.time(),
     )
     _smoke_test(model)
+    # After the graph's own checks, so that a vocabulary mismatch is reported as such.
+    model = dataclasses.replace(model, explainer=_load_explainer(model_dir, meta))
+    if quantize == "int8":
+        return _int8_or_fp32(model, onnx_bytes, intra_op_threads)
     return model
+
+
+def _load_explainer(model_dir: Path, meta: ModelMetadata) -> ItemExplainer | None:
+    """The directory's attribution tables (bytes re-hashed), or None when it has none."""
+    expected = meta.files.get(EXPLAIN_FILE)
+    if expected is None:
+        return None
+    try:
+        data = (model_dir / EXPLAIN_FILE).read_bytes()
+        if _sha256(data) != expected:
+            raise ModelRejectedError(f"rejected {model_dir}: {EXPLAIN_FILE} changed while loading")
+        context, target = read_explanations(data, meta.n_items)
+    except (ModelError, OSError) as err:
+        raise ModelRejectedError(f"rejected {model_dir}: {err}") from err
+    return ItemExplainer(context=context, target=target)
+
+
+def _int8_or_fp32(model: LoadedModel, onnx_bytes: bytes, intra_op_threads: int) -> LoadedModel:
+    """The verified int8 copy of ``model``, or ``model`` itself when the copy fails a check.
+
+    A cached copy that fails is rebuilt once from the verified fp32 bytes before giving up.
+    """
+    try:
+        quantized, cached, overlap = _checked_int8(model, onnx_bytes, intra_op_threads, False)
+    except (QuantizationError, ModelRejectedError) as err:
+        try:
+            log.warning("int8 copy of %s failed (%s); rebuilding it", model.version, err)
+            quantized, cached, overlap = _checked_int8(model, onnx_bytes, intra_op_threads, True)
+        except (QuantizationError, ModelRejectedError) as err2:
+            log.warning("int8 copy of %s not used, serving fp32: %s", model.version, err2)
+            return model
+    log.info(
+        "serving the int8 copy of %s (%s; top-10 overlap with fp32 on probes %.2f)",
+        model.version,
+        "cached" if cached else "built now",
+        overlap,
+    )
+    return quantized
+
+
+def _checked_int8(
+    model: LoadedModel, onnx_bytes: bytes, intra_op_threads: int, rebuild: bool
+) -> tuple[LoadedModel, bool, float]:
+    """The int8 copy (cached unless ``rebuild``) after the serving checks and the probe."""
+    import onnxruntime as ort
+
+    data, cached = int8_copy(model.path, onnx_bytes, rebuild=rebuild)
+    try:
+        session = ort.InferenceSession(
+            data,
+            sess_options=session_options(intra_op_threads),
+            providers=["CPUExecutionProvider"],
+        )
+    except Exception as err:  # ORT raises its own exception types for invalid graphs
+        raise QuantizationError(f"ONNX Runtime cannot load the int8 copy: {err}") from err
+    quantized = dataclasses.replace(model, session=session, precision="int8")
+    _smoke_test(quantized)
+    overlap = probe_overlap(model, quantized)
+    if overlap < MIN_INT8_OVERLAP:
+        raise QuantizationError(
+            f"the int8 copy ranks unlike fp32 (mean top-10 overlap {overlap:.2f} on "
+            f"{INT8_PROBES} probe histories < {MIN_INT8_OVERLAP})"
+        )
+    return quantized, cached, overlap
+
+
+def probe_overlap(reference: LoadedModel, other: LoadedModel, n: int = INT8_PROBES) -> float:
+    """Mean top-10 overlap of two graphs over the same vocabulary on seeded probe histories."""
+    rng = np.random.default_rng(0)
+    n_items, max_len = reference.metadata.n_items, reference.max_len
+    histories = [
+        rng.integers(1, n_items + 1, size=int(rng.integers(1, max_len + 1))).astype(np.int64)
+        for _ in range(n)
+    ]
+    excludes = [np.zeros(0, dtype=np.int64)] * n
+    _, ids_a = reference.rank_many(histories, excludes)
+    _, ids_b = other.rank_many(histories, excludes)
+    k = min(10, ids_a.shape[1])
+    overlaps = [
+        len(set(a[:k].tolist()) & set(b[:k].tolist())) / k
+        for a, b in zip(ids_a, ids_b, strict=True)
+    ]
+    return float(np.mean(overlaps))
 
 
 def _smoke_test(model: LoadedModel) -> None:
@@ -287,11 +389,13 @@ class ModelServer:
         models_dir: Path,
         *,
         intra_op_threads: int = 1,
+        quantize: Precision = "none",
         on_swap: Callable[[LoadedModel], None] | None = None,
         on_reject: Callable[[Rejection], None] | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.intra_op_threads = intra_op_threads
+        self.quantize: Precision = quantize
         self._on_swap = on_swap
         self._on_reject = on_reject
         self._current: LoadedModel | None = None
@@ -345,7 +449,9 @@ class ModelServer:
                 return SwapOutcome("unchanged", served)
             try:
                 model = load_model(
-                    self.models_dir / version, intra_op_threads=self.intra_op_threads
+                    self.models_dir / version,
+                    intra_op_threads=self.intra_op_threads,
+                    quantize=self.quantize,
                 )
             except ModelRejectedError as err:
                 return self._reject(version, str(err))

@@ -3,19 +3,29 @@
 Nothing is cached between requests: each answer reads the shopper's newest events from the
 store, so an event accepted a moment ago already shapes the next answer. Without a model,
 for a shopper the model cannot read, or to fill a short list, the answer is this site's most
-popular items. Every item carries a short reason that says which of the two produced it.
+popular items. Every item carries a reason a shopper understands: for model items the item
+of their history that the model credits (`edge_client.explain`: "because you viewed X"), for
+popular items the store's event count.
+
+During an A/B experiment (`edge_client.ab_serving`) the shopper's arm model ranks instead of
+the served version; every answer is recorded as an impression (`edge_client.outcomes`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from edge_client.explain import because, history_free_reason
 from edge_client.inference import LoadedModel, ModelServer, RankBatcher
 from edge_client.store import EventStore
+
+if TYPE_CHECKING:
+    from edge_client.ab_serving import ArmAssignment, ExperimentServing
+    from edge_client.outcomes import ImpressionLog
 
 Source = Literal["model", "popularity", "model+popularity"]
 
@@ -43,10 +53,23 @@ class Recommendation:
     model_version: str | None
     source: Source
     history_events: int  # events of this shopper the model read
+    experiment_id: str | None = None  # the A/B experiment the shopper is in, if any
+    arm: str | None = None  # ... and the arm's name
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an answer is computed from: the model (and arm), its input, the exclusions."""
+
+    model: LoadedModel | None
+    history: np.ndarray  # vocab indices the model reads, oldest first
+    exclude: np.ndarray
+    purchased: set[str]
+    arm: ArmAssignment | None = None
 
 
 def model_reason(version: str, n_events: int) -> str:
-    """Reason text of a model-ranked item."""
+    """Reason text of a model-ranked item when the model directory has no explanations."""
     plural = "" if n_events == 1 else "s"
     return f"next-item model {version}, from your last {n_events} event{plural}"
 
@@ -60,9 +83,18 @@ def popularity_reason(n_events: int) -> str:
 class Recommender:
     """Combines the event store and the model server into top-k answers."""
 
-    def __init__(self, store: EventStore, models: ModelServer | None = None) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        models: ModelServer | None = None,
+        *,
+        experiments: ExperimentServing | None = None,
+        impressions: ImpressionLog | None = None,
+    ) -> None:
         self.store = store
         self.models = models
+        self.experiments = experiments
+        self.impressions = impressions
 
     def history(self, model: LoadedModel, user_id: str) -> np.ndarray:
         """The shopper's newest events the model knows, as vocab indices, oldest first.
@@ -77,33 +109,62 @@ class Recommender:
             known = model.known(self.store.history(user_id, limit * _HISTORY_OVERREAD))
         return known[-limit:]
 
-    def _prepare(
-        self, user_id: str, exclude_purchased: bool
-    ) -> tuple[LoadedModel | None, np.ndarray, np.ndarray, set[str]]:
-        """The model snapshot, the shopper's model input, the exclusions, the purchases."""
+    def _prepare(self, user_id: str, exclude_purchased: bool) -> _Plan:
+        """The model snapshot (the shopper's A/B arm's, if any), its input, the exclusions."""
         model = self.models.current if self.models is not None else None
+        arm = None
+        if self.experiments is not None:
+            assigned = self.experiments.assign(user_id)
+            if assigned is not None:
+                arm, model = assigned
         purchased = self.store.purchased_items(user_id) if exclude_purchased else set()
         if model is None:
-            return None, _EMPTY, _EMPTY, purchased
-        return model, self.history(model, user_id), model.known(purchased), purchased
+            return _Plan(None, _EMPTY, _EMPTY, purchased, arm)
+        return _Plan(model, self.history(model, user_id), model.known(purchased), purchased, arm)
+
+    def _reasons(
+        self, model: LoadedModel, user_id: str, history: np.ndarray, recommended: list[int]
+    ) -> list[str]:
+        """A shopper-readable reason per recommended index, from the model's own tables."""
+        explainer = model.explainer
+        if explainer is None:
+            return [model_reason(model.version, len(history))] * len(recommended)
+        if explainer.history_free:
+            return [history_free_reason(model.version)] * len(recommended)
+        names = model.item_ids
+        credited = [names[history[p] - 1] for p in explainer.attribute(history, recommended)]
+        kinds = self._latest_event_types(user_id, set(credited), model.max_len)
+        return [because(item, kinds.get(item)) for item in credited]
+
+    def _latest_event_types(self, user_id: str, items: set[str], limit: int) -> dict[str, str]:
+        """The type of the shopper's newest event of each of ``items`` (what they did)."""
+        kinds: dict[str, str] = {}
+        for depth in (limit, limit * _HISTORY_OVERREAD):
+            for event in self.store.recent_events(user_id, depth):
+                kinds.setdefault(event.item_id, event.event_type)
+            if items <= kinds.keys():
+                break
+        return kinds
 
     def _finish(
         self,
         user_id: str,
         k: int,
-        model: LoadedModel | None,
-        n_history: int,
+        plan: _Plan,
         ranked: tuple[np.ndarray, np.ndarray] | None,
-        purchased: set[str],
     ) -> Recommendation:
         """Model items first (best first), then popular items to fill ``k``."""
+        model, purchased = plan.model, plan.purchased
         items: list[RecommendedItem] = []
         if model is not None and ranked is not None:
-            reason = model_reason(model.version, n_history)
             names = model.item_ids
+            picked: list[tuple[float, int]] = []
             for score, idx in zip(ranked[0].tolist(), ranked[1].tolist(), strict=True):
-                if not math.isfinite(score) or len(items) == k:
+                if not math.isfinite(score) or len(picked) == k:
                     break  # excluded items come last, scored -inf
+                picked.append((score, idx))
+            reasons = self._reasons(model, user_id, plan.history, [i for _, i in picked])
+            for (score, idx), reason in zip(picked, reasons, strict=True):
                 items.append(RecommendedItem(names[idx - 1], score, reason))
         from_model = len(items)
         if len(items) < k:
@@ -116,28 +177,44 @@ class Recommender:
             source = "model"
         else:
             source = "model+popularity"
-        return Recommendation(
+        arm = plan.arm
+        rec = Recommendation(
             user_id=user_id,
             items=items,
             model_version=model.version if model is not None and from_model else None,
             source=source,
-            history_events=n_history,
+            history_events=len(plan.history),
+            experiment_id=arm.experiment_id if arm is not None else None,
+            arm=arm.arm_name if arm is not None else None,
         )
+        if self.impressions is not None:
+            self.impressions.record(
+                user_id,
+                [item.item_id for item in items],
+                source=source,
+                model_version=rec.model_version or "",
+                experiment_id=arm.experiment_id if arm is not None else "",
+                arm=arm.arm if arm is not None else -1,
+            )
+        return rec
 
     def recommend(
         self, user_id: str, k: int = 10, *, exclude_purchased: bool = True
     ) -> Recommendation:
         """The top ``k`` items for ``user_id`` now; purchased items excluded by default."""
-        model, history, exclude, purchased = self._prepare(user_id, exclude_purchased)
-        ranked = model.rank(history, exclude) if model is not None and len(history) else None
-        return self._finish(user_id, k, model, len(history), ranked, purchased)
+        plan = self._prepare(user_id, exclude_purchased)
+        model = plan.model
+        ranked = None
+        if model is not None and len(plan.history):
+            ranked = model.rank(plan.history, plan.exclude)
+        return self._finish(user_id, k, plan, ranked)
 
     async def recommend_batched(
         self, batcher: RankBatcher, user_id: str, k: int = 10, *, exclude_purchased: bool = True
     ) -> Recommendation:
         """`recommend`, with the inference shared with concurrent requests (same answer)."""
-        model, history, exclude, purchased = self._prepare(user_id, exclude_purchased)
+        plan = self._prepare(user_id, exclude_purchased)
         ranked = None
-        if model is not None and len(history):
-            ranked = await batcher.rank(model, history, exclude)
-        return self._finish(user_id, k, model, len(history), ranked, purchased)
+        if plan.model is not None and len(plan.history):
+            ranked = await batcher.rank(plan.model, plan.history, plan.exclude)
+        return self._finish(user_id, k, plan, ranked)

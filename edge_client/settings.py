@@ -54,6 +54,18 @@ class EdgeSettings(BaseSettings):
     retention_max_events_per_user: int | None = Field(default=None, ge=1, le=MAX_USER_CAP)
     retention_interval_s: float = Field(3600.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: serve a dynamically quantized copy of each version (fp32 fallback)",
+    )
+    ab_testing: bool = Field(True, description="serve the A/B experiment the site received")
+    log_impressions: bool = Field(
+        True, description="record every answer (A/B outcomes, recommendation effect R)"
+    )
+    impression_retention_days: float = Field(30.0, gt=0, le=MAX_RETENTION_DAYS)
+    indicator_window_days: float = Field(
+        30.0, gt=0, le=MAX_RETENTION_DAYS, description="window of the R and I_u indicators"
+    )
 
     @model_validator(mode="after")
     def _check_admin_token(self) -> EdgeSettings:

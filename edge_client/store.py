@@ -219,6 +219,26 @@ def _frame_problems(frame: pd.DataFrame, now: int) -> tuple[list[RowProblem], in
     return problems[:MAX_PROBLEMS], total
 
 
+def _forget_elsewhere(conn: sqlite3.Connection, user_id: str) -> int:
+    """Delete the shopper's rows from the tables other modules list in ``forget_tables``.
+
+    Modules keeping per-shopper rows in ``site.db`` under their own migration sets (e.g. the
+    impressions of `edge_client.outcomes`) register ``(table_name, column_name)`` there, so
+    forgetting a shopper reaches them in the same transaction as the events.
+    """
+    listed = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'forget_tables'"
+    ).fetchone()
+    if listed is None:
+        return 0
+    deleted = 0
+    tables = conn.execute("SELECT table_name, column_name FROM forget_tables").fetchall()
+    for table, column in tables:
+        # Names come from our own migrations, never from a request.
+        deleted += conn.execute(f'DELETE FROM "{table}" WHERE "{column}" = ?', (user_id,)).rowcount
+    return deleted
+
+
 class EventStore:
     """The events of one site in ``site.db``; safe to share between threads.
 
@@ -500,7 +520,8 @@ class EventStore:
         """
         with self._write() as conn:
             deleted = self._delete_where(conn, "user_id = ?", (user_id,))
-        if deleted:
+            others = _forget_elsewhere(conn, user_id)
+        if deleted or others:
             self.checkpoint()
         return deleted
 

@@ -7,7 +7,11 @@ federated, has it)::
     weights.pt      torch state_dict, for further training and federated initialisation
     vocab.json      the item vocabulary (shared.vocab)
     config.json     {"kind": ..., "model": {...}} enough to rebuild the torch module
+    explain.npz     single-item attribution tables (shared.explanations): "because you viewed X"
     metadata.json   version, sha256 of every other file, privacy statement, metrics, lineage
+
+Directories written before explain.npz existed lack it; their metadata does not list it, so
+they still verify, and the edge serves them with a generic reason instead.
 
 A directory is written under a temporary sibling name and renamed into place, so a reader
 sees either the old complete directory or the new complete one, never a half-written one.
@@ -25,15 +29,16 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import ModelError, VocabError
-from shared.models import build_model, config_dict, model_kind
-from shared.onnx_export import export_onnx
 from shared.vocab import ItemVocab
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported inside the functions that save or rebuild a model: reading metadata and
+# verifying a directory (all the edge's serving process does) must not load torch.
 
 METADATA_FORMAT = 1
 ONNX_FILE = "model.onnx"
@@ -141,6 +146,12 @@ def save_model_dir(
     extra: dict[str, Any] | None = None,
 ) -> ModelMetadata:
     """Write a complete model directory at ``out`` (replacing one that is there) atomically."""
+    import torch
+
+    from shared.explanations import EXPLAIN_FILE, write_explanations
+    from shared.models import config_dict, model_kind
+    from shared.onnx_export import export_onnx
+
     kind = model_kind(model)
     cfg = config_dict(model)
     if cfg["n_items"] != vocab.n_items:
@@ -153,11 +164,12 @@ def save_model_dir(
         model = model.eval()
         torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
         top_k = export_onnx(model, tmp / ONNX_FILE)
+        write_explanations(model, tmp / EXPLAIN_FILE)
         _write_file(tmp / VOCAB_FILE, vocab.to_json())
         _write_file(tmp / CONFIG_FILE, json.dumps({"kind": kind, "model": cfg}, indent=2))
         files = {
             name: sha256_file(tmp / name)
-            for name in (ONNX_FILE, WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE)
+            for name in (ONNX_FILE, WEIGHTS_FILE, VOCAB_FILE, CONFIG_FILE, EXPLAIN_FILE)
         }
         meta = ModelMetadata(
             version=version or new_version(files[WEIGHTS_FILE]),
@@ -229,6 +241,10 @@ def verify_model_dir(model_dir: Path) -> ModelMetadata:
 
 def load_model_dir(model_dir: Path) -> tuple[nn.Module, ItemVocab, ModelMetadata]:
     """The torch model (eval mode), its vocabulary and metadata, after verification."""
+    import torch
+
+    from shared.models import build_model
+
     meta = verify_model_dir(model_dir)
     vocab = ItemVocab.load(model_dir / VOCAB_FILE)
     try:

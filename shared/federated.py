@@ -98,7 +98,7 @@ class RoundInstructions:
     model_config: dict[str, Any]  # full config dict of the model (n_items included)
     catalogue: ItemVocab
     serve_version: str = ""  # the version the site must serve ("" = keep what it serves)
-    privacy_mode: str = "store"  # "store" | "app" | "none"
+    privacy_mode: str = "store"  # "store" | "app" | "distributed" | "none"
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -106,6 +106,17 @@ class RoundInstructions:
     max_grad_norm: float = 1.0
     seed: int = 0
     eval_k: int = 10
+    # Distributed DP (docs/privacy.md): Poisson rate q, the number of shares m the noise is
+    # sized for (each site adds sigma C / sqrt(m)), the public divisor of a share and the
+    # SecAgg+ range it must fit in, and the parameters not trained (comma-separated).
+    sample_rate: float = 0.0
+    noise_shares: int = 1
+    share_scale: float = 1.0
+    share_range: float = 8.0
+    frozen: str = ""
+    # What a distributed round computes: "gradient" (one DP-SGD step) or "popularity" (the
+    # DP item counts that seed the output bias, released once).
+    dp_task: str = "gradient"
     # Lineage and privacy statement of the versions sent, so a site's copy of a model
     # directory says what the coordinator's says: {"privacy": {...}, "parent", "round",
     # "metrics"} (see shared.artifacts.ModelMetadata).
@@ -131,6 +142,12 @@ class RoundInstructions:
             "max-grad-norm": self.max_grad_norm,
             "seed": self.seed,
             "eval-k": self.eval_k,
+            "sample-rate": self.sample_rate,
+            "noise-shares": self.noise_shares,
+            "share-scale": self.share_scale,
+            "share-range": self.share_range,
+            "frozen": self.frozen,
+            "dp-task": self.dp_task,
             "model-meta": json.dumps(self.model_meta, sort_keys=True),
             "serve-meta": json.dumps(self.serve_meta, sort_keys=True),
         }
@@ -159,6 +176,12 @@ class RoundInstructions:
                 max_grad_norm=float(_get(config, "max-grad-norm", float)),
                 seed=_get(config, "seed", int),
                 eval_k=_get(config, "eval-k", int),
+                sample_rate=float(_get(config, "sample-rate", float, 0.0)),
+                noise_shares=_get(config, "noise-shares", int, 1),
+                share_scale=float(_get(config, "share-scale", float, 1.0)),
+                share_range=float(_get(config, "share-range", float, 8.0)),
+                frozen=_get(config, "frozen", str, ""),
+                dp_task=_get(config, "dp-task", str, "gradient"),
                 model_meta=_json_object(config, "model-meta"),
                 serve_meta=_json_object(config, "serve-meta"),
             )
@@ -173,8 +196,13 @@ def _json_object(config: Mapping[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _get(config: Mapping[str, Any], key: str, kind: type) -> Any:
+_REQUIRED = object()
+
+
+def _get(config: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
     if key not in config:
+        if default is not _REQUIRED:
+            return default  # a key newer than the sender (distributed-DP settings)
         raise ConfigError(f"round instructions lack {key!r}")
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

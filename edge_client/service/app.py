@@ -20,11 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edge_client.ab_serving import ExperimentServing, maintain
 from edge_client.inference import LoadedModel, ModelServer, RankBatcher, Rejection
+from edge_client.outcomes import ImpressionLog, indicators
 from edge_client.recommend import Recommender
 from edge_client.service import admin, events, health, model, recommendations
 from edge_client.service.deps import EdgeRuntime
 from edge_client.service.events import RowsRefusedError
+from edge_client.service.outcome_metrics import CachedIndicators, register_indicator_metrics
 from edge_client.service.telemetry import BodyLimitMiddleware, ServiceMetrics, TimingMiddleware
 from edge_client.settings import EdgeSettings
 from edge_client.store import EventStore
@@ -152,16 +155,44 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         models = ModelServer(
             settings.model_dir,
             intra_op_threads=settings.intra_op_threads,
+            quantize=settings.quantize,
             on_swap=swapped,
             on_reject=rejected,
         )
         await asyncio.to_thread(models.check)
         metrics.track_store(store.count_events)
+        # Impressions (A/B outcomes, indicator R) and the site's running A/B experiment.
+        impressions = ImpressionLog(settings.db)
+        experiments = (
+            ExperimentServing(
+                settings.db,
+                settings.model_dir,
+                models=models,
+                intra_op_threads=settings.intra_op_threads,
+                quantize=settings.quantize,
+            )
+            if settings.ab_testing
+            else None
+        )
+        if experiments is not None:
+            await asyncio.to_thread(experiments.refresh)
+        window = settings.indicator_window_days
+        register_indicator_metrics(
+            metrics.registry,
+            CachedIndicators(
+                lambda: impressions.query(lambda c: indicators(c, impressions.clock(), window))
+            ),
+        )
         app.state.runtime = EdgeRuntime(
             settings=settings,
             store=store,
             models=models,
-            recommender=Recommender(store, models),
+            recommender=Recommender(
+                store,
+                models,
+                experiments=experiments,
+                impressions=impressions if settings.log_impressions else None,
+            ),
             metrics=metrics,
             batcher=RankBatcher(settings.max_inference_batch, threaded=settings.inference_thread)
             if settings.batch_inference
@@ -169,7 +200,17 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         )
         served = models.current.version if models.current else "popularity (no model yet)"
         log.info("edge service ready: store %s, serving %s", settings.db, served)
-        tasks = [asyncio.create_task(_poll_models(app.state.runtime))]
+        tasks = [
+            asyncio.create_task(_poll_models(app.state.runtime)),
+            asyncio.create_task(
+                maintain(
+                    experiments,
+                    impressions,
+                    poll_interval_s=settings.poll_interval_s,
+                    retention_days=settings.impression_retention_days,
+                )
+            ),
+        ]
         if settings.retention_max_age_days or settings.retention_max_events_per_user:
             tasks.append(asyncio.create_task(_retention(app.state.runtime)))
         try:
@@ -182,6 +223,9 @@ def create_app(settings: EdgeSettings) -> FastAPI:
                     await task
             if app.state.runtime.batcher is not None:
                 app.state.runtime.batcher.close()
+            impressions.close()  # writes what is still buffered
+            if experiments is not None:
+                experiments.close()
             store.close()
 
     app = FastAPI(

@@ -48,5 +48,6 @@ def get_model(runtime: RuntimeDep) -> ModelOut:
             statement=privacy.describe(),
         ),
         loaded_at=model.loaded_at,
+        precision="int8" if model.precision == "int8" else "fp32",
         last_rejection=last,
     )

@@ -216,7 +216,10 @@ class RecommendedItemOut(BaseModel):
 
     item_id: str
     score: float = Field(description="model score (logit) or, for popular items, event count")
-    reason: str = Field(description="why this item: the model and its input, or popularity")
+    reason: str = Field(
+        description="why this item: the item of your history the model credits "
+        "('because you viewed i9'), or the store's popularity"
+    )
 
 
 class RecommendationsOut(BaseModel):
@@ -231,8 +234,7 @@ class RecommendationsOut(BaseModel):
                         {
                             "item_id": "i4",
                             "score": 7.91,
-                            "reason": "next-item model v20261128T130102-1a2b3c4d, from your "
-                            "last 12 events",
+                            "reason": "because you viewed i9",
                         }
                     ],
                     "model_version": "v20261128T130102-1a2b3c4d",
@@ -283,6 +285,9 @@ class ModelOut(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     privacy: PrivacyOut | None = None
     loaded_at: float | None = Field(default=None, description="Unix seconds")
+    precision: Literal["fp32", "int8"] | None = Field(
+        default=None, description="int8: the quantized copy serves (FEDREC_EDGE_QUANTIZE)"
+    )
     last_rejection: RejectionOut | None = None
 
 

@@ -10,7 +10,10 @@ import torch
 from torch import nn
 
 from shared.errors import ModelError
+from shared.models.dot_product import DotProduct, DotProductConfig
 from shared.models.gru4rec import GRU4Rec, GRU4RecConfig
+from shared.models.popularity import Popularity, PopularityConfig
+from shared.models.sasrec import SASRec, SASRecConfig
 
 
 class SequentialModel(Protocol):
@@ -31,9 +34,12 @@ class SequentialModel(Protocol):
         ...
 
 
-# kind -> (config class, model class). Other models register here as they are written.
+# kind -> (config class, model class).
 MODEL_KINDS: dict[str, tuple[type[Any], Callable[[Any], nn.Module]]] = {
     "gru": (GRU4RecConfig, GRU4Rec),
+    "sasrec": (SASRecConfig, SASRec),
+    "pop": (PopularityConfig, Popularity),
+    "mf": (DotProductConfig, DotProduct),
 }
 
 
@@ -45,7 +51,7 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
         raise ModelError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}") from err
     try:
         return model_cls(config_cls(**config))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ModelError(f"invalid config for model {kind!r}: {err}") from err
 
 

@@ -1,10 +1,18 @@
 """GRU4Rec-style next-item model: item embedding -> GRU -> untied linear over the catalogue.
 
 Hidasi et al., "Session-based Recommendations with Recurrent Neural Networks" (ICLR 2016),
-trained here with full-catalogue cross-entropy at every position. Two choices keep DP-SGD
-correct: the output layer is a separate `nn.Linear` (Opacus computes wrong per-sample
-gradients for a weight tied through a functional matmul), and inputs are left-padded instead
-of packed (PackedSequence reorders per-sample gradients silently).
+trained here with full-catalogue cross-entropy at every position. Three choices keep it
+correct for DP-SGD and serving:
+
+- the output layer is a separate `nn.Linear` (Opacus computes wrong per-sample gradients for
+  a weight tied through a functional matmul);
+- inputs are left-padded instead of packed (PackedSequence reorders per-sample gradients
+  silently);
+- the GRU has no bias terms, so the zero state is a fixed point of a zero input: with
+  h = 0 and x = 0 (the padding row of the embedding is zero) the candidate state is
+  tanh(0) = 0 and the new state stays 0. Left padding therefore never changes a shopper's
+  scores, however many padding steps precede the history; this lets training trim batches
+  to their longest sequence while serving pads to ``max_len``.
 """
 
 from __future__ import annotations
@@ -39,17 +47,22 @@ class GRU4Rec(nn.Module):
             config.dim,
             config.hidden,
             num_layers=config.n_layers,
+            bias=False,  # keeps h = 0 a fixed point over padding (module docstring)
             batch_first=True,
             dropout=config.dropout if config.n_layers > 1 else 0.0,
         )
+        # A direct path from the current item to the output: next-item choice in shopping logs
+        # depends most on the latest item (item-to-item transitions), which a GRU alone
+        # passes on only through its gates.
+        self.skip = nn.Linear(config.dim, config.hidden, bias=False)
         self.out_dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, config.n_items + 1)
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:
         """Sequence state after each event: (B, T) int64 -> (B, T, H)."""
-        x = self.emb_dropout(self.item_emb(items))  # (B, T, D)
+        x = self.emb_dropout(self.item_emb(items))  # (B, T, D); padding rows stay 0
         h, _ = self.gru(x)  # (B, T, H)
-        return self.out_dropout(h)
+        return self.out_dropout(h + self.skip(x))  # (B, T, H)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Next-item logits at every position: (B, T) int64 -> (B, T, n_items + 1)."""

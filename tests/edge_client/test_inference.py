@@ -239,9 +239,8 @@ def test_recommender_uses_the_model_and_falls_back_to_popularity(site: Path) -> 
     # Assert: the unknown item is dropped from the input as in training; i5 is excluded
     assert known.source == "model" and known.model_version == "v1"
     assert [i.item_id for i in known.items] == [f"i{j}" for j in torch_top(model, [3, 5], [5], 5)]
-    assert all(
-        i.reason.startswith("next-item model v1, from your last 2 events") for i in known.items
-    )
+    # each reason names an item of the model's input (explanations: test_explain.py)
+    assert all(i.reason in {"because you viewed i3", "because you bought i5"} for i in known.items)
     assert unknown.source == "popularity" and unknown.model_version is None
     assert [i.item_id for i in unknown.items] == ["i7", "i3", "i5"]
     assert all(i.reason.startswith("popular at this store") for i in unknown.items)

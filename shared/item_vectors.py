@@ -1,0 +1,109 @@
+"""Item vectors from public catalogue attributes, to initialise (and freeze) the item tables.
+
+Under user-level DP the item tables are the hard part of a recommender: each item's row is
+learned only from the few shoppers who bought it, while DP noise lands on every row
+(docs/privacy.md, "What each lever bought"). The catalogue's attributes (Beauty: brand and
+categories) are public, cost no privacy, and are shared by many items, so vectors built
+from them carry the structure ("same brand", "same category") that DP-SGD cannot afford to
+learn item by item.
+
+`attribute_vectors` embeds each item's attribute set with a rank-``dim`` SVD of the
+item x attribute matrix (each item's row L2-normalised, so the dot product of two items'
+vectors approximates the cosine of their attribute sets, the best rank-``dim`` fit in the
+least-squares sense); items without attributes get a zero vector. `init_item_tables`
+writes them into a model's input table (``item_emb``) and/or output table (the ``head``'s
+weight), scaled to mean row norm ``scale``. Row 0 (padding) stays zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.errors import DataError, ModelError
+from shared.vocab import ItemVocab
+
+TABLES = ("input", "output")
+
+
+def read_item_attributes(path: Path) -> dict[str, list[str]]:
+    """``{"item id": [attribute, ...]}`` JSON (S3-Rec's ``*_item2attributes.json`` or alike)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a readable item-attributes JSON file ({err})") from err
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise DataError(f'{path}: expected {{"item id": [attribute, ...], ...}}')
+    return {str(k): [str(a) for a in v] for k, v in data.items()}
+
+
+def attribute_matrix(
+    vocab: ItemVocab, attributes: Mapping[str, Sequence[str]]
+) -> tuple[np.ndarray, list[str]]:
+    """(n_items + 1, A) rows L2-normalised (row 0 and items without attributes are zero)."""
+    names = sorted({str(a) for item in vocab.item_ids for a in attributes.get(item, [])})
+    if not names:
+        raise DataError("no item of the catalogue has an attribute")
+    column = {a: j for j, a in enumerate(names)}
+    m = np.zeros((vocab.n_items + 1, len(names)), dtype=np.float64)
+    for index, item in enumerate(vocab.item_ids, start=1):
+        cols = sorted({column[str(a)] for a in attributes.get(item, [])})
+        if cols:
+            m[index, cols] = 1.0 / math.sqrt(len(cols))
+    return m, names
+
+
+def attribute_vectors(
+    vocab: ItemVocab, attributes: Mapping[str, Sequence[str]], dim: int, scale: float = 1.0
+) -> torch.Tensor:
+    """(n_items + 1, dim) float32 item vectors from attributes, mean row norm ``scale``."""
+    if dim < 1 or not scale > 0:
+        raise DataError("dim must be >= 1 and scale > 0")
+    m, _ = attribute_matrix(vocab, attributes)
+    u, s, _ = np.linalg.svd(m[1:], full_matrices=False)
+    k = min(dim, len(s))
+    vectors = np.zeros((vocab.n_items + 1, dim), dtype=np.float64)
+    vectors[1:, :k] = u[:, :k] * s[:k]
+    norms = np.linalg.norm(vectors[1:], axis=1)
+    mean = norms[norms > 0].mean() if (norms > 0).any() else 1.0
+    return torch.from_numpy(vectors * (scale / mean)).float()
+
+
+def init_item_tables(
+    model: nn.Module,
+    vocab: ItemVocab,
+    attributes: Mapping[str, Sequence[str]],
+    tables: Sequence[str] = TABLES,
+    scale: float = 1.0,
+) -> list[str]:
+    """Write attribute vectors into the model's item tables; returns their parameter names.
+
+    ``input`` is ``item_emb.weight`` (n_items + 1, dim), ``output`` is ``head.weight``
+    (n_items + 1, hidden); each gets vectors of its own width.
+    """
+    unknown = sorted(set(tables) - set(TABLES))
+    if unknown:
+        raise ModelError(f"unknown item table(s) {unknown}; known: {', '.join(TABLES)}")
+    targets = {"input": "item_emb", "output": "head"}
+    names: list[str] = []
+    with torch.no_grad():
+        for table in tables:
+            module = getattr(model, targets[table], None)
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise ModelError(f"{type(model).__name__} has no {targets[table]} table")
+            if weight.shape[0] != vocab.n_items + 1:
+                raise ModelError(
+                    f"{targets[table]}.weight has {weight.shape[0]} rows, the catalogue "
+                    f"{vocab.n_items} items + padding"
+                )
+            vectors = attribute_vectors(vocab, attributes, int(weight.shape[1]), scale)
+            weight.copy_(vectors.to(weight.dtype))
+            names.append(f"{targets[table]}.weight")
+    return names
