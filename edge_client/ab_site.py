@@ -39,6 +39,7 @@ from sqlite_utils.migrations import Migrations
 
 from edge_client import outcomes
 from edge_client.errors import EdgeError, StoreError
+from edge_client.store import write_transaction
 from shared.ab import COUNTS, ExperimentSpec, experiment_key, report_key
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class ABSite:
     def upsert(self, specs: Sequence[ExperimentSpec], *, stop_others: bool = True) -> None:
         """Store received definitions; experiments the coordinator no longer sends stop."""
         now = _now_ms()
-        with outcomes.write_transaction(self._conn, "storing experiments") as conn:
+        with write_transaction(self._conn, "storing experiments") as conn:
             for spec in specs:
                 text = json.dumps(spec.to_dict(), sort_keys=True)
                 row = conn.execute(
@@ -186,7 +187,7 @@ class ABSite:
 
     def touch(self) -> None:
         """Mark the running experiments changed (their arm models arrived): the service reloads."""
-        with outcomes.write_transaction(self._conn, "touching experiments") as conn:
+        with write_transaction(self._conn, "touching experiments") as conn:
             conn.execute(
                 "UPDATE ab_experiments SET updated_ms = MAX(updated_ms + 1, ?) "
                 "WHERE status = 'running'",
@@ -255,7 +256,7 @@ class ABSite:
             counts = [{k: float(arm[k] + next(flat)) for k in COUNTS} for arm in exact]
         now = _now_ms()
         try:
-            with outcomes.write_transaction(self._conn, "recording an A/B release") as conn:
+            with write_transaction(self._conn, "recording an A/B release") as conn:
                 conn.execute(
                     "INSERT INTO ab_releases (experiment_id, report_seq, released_ms, epsilon, "
                     "counts) VALUES (?, ?, ?, ?, ?)",

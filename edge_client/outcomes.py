@@ -28,10 +28,9 @@ Forgetting a shopper deletes their impressions too: the table is registered in
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from edge_client.errors import StoreError
+from edge_client.store import write_transaction
 
 migrations = Migrations("fedrec-outcomes")
 
@@ -121,24 +121,6 @@ def open_site_db(path: Path, sets: Sequence[Migrations]) -> sqlite3.Connection:
     except sqlite3.Error as err:
         raise StoreError(f"cannot open or migrate {path}: {err}") from err
     return conn
-
-
-@contextlib.contextmanager
-def write_transaction(conn: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
-    """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back otherwise."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error as err:
-        raise StoreError(f"{what}: the site's database is not writable now: {err}") from err
-    try:
-        yield conn
-    except BaseException as err:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        if isinstance(err, sqlite3.Error):
-            raise StoreError(f"{what} failed, nothing written: {err}") from err
-        raise
-    conn.execute("COMMIT")
 
 
 @dataclass(frozen=True, slots=True)

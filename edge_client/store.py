@@ -239,6 +239,29 @@ def _forget_elsewhere(conn: sqlite3.Connection, user_id: str) -> int:
     return deleted
 
 
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection, what: str) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back otherwise."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as err:
+        raise StoreError(f"{what}: the site's database is not writable now: {err}") from err
+    try:
+        yield conn
+    except BaseException as err:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if isinstance(err, sqlite3.Error):
+            raise StoreError(f"{what} failed, nothing written: {err}") from err
+        raise
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as err:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise StoreError(f"{what}: commit failed, nothing written: {err}") from err
+
+
 class EventStore:
     """The events of one site in ``site.db``; safe to share between threads.
 
@@ -352,25 +375,8 @@ class EventStore:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction on this thread's connection: all or nothing."""
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as err:
-            raise StoreError(f"{self.path} is not writable now: {err}") from err
-        try:
+        with write_transaction(self._conn(), f"write to {self.path}") as conn:
             yield conn
-        except BaseException as err:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            if isinstance(err, sqlite3.Error):
-                raise StoreError(f"write to {self.path} failed, nothing stored: {err}") from err
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as err:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise StoreError(f"commit to {self.path} failed, nothing stored: {err}") from err
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
