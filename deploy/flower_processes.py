@@ -447,7 +447,7 @@ class LocalFederation:
         try:
             proc.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            run_id = _run_id_from_log(proc.log_tail(1 << 20))
+            run_id = run_id_from_log(proc.log_tail(1 << 20))
             if run_id is not None:
                 self._flwr([flower_bin("flwr"), "stop", str(run_id), self.connection], timeout=30)
             proc.stop()
@@ -457,7 +457,7 @@ class LocalFederation:
         finally:
             proc.stop()
         text = proc.log_tail(1 << 22)
-        run_id = _run_id_from_log(text)
+        run_id = run_id_from_log(text)
         if run_id is None:
             raise FlowerProcessError(f"flwr run did not start a run:\n{text[-4000:]}")
         status = self.wait_run_finished(
@@ -535,7 +535,8 @@ def format_node_config(values: Mapping[str, str | int | float | bool]) -> str:
     return " ".join(parts)
 
 
-def _run_id_from_log(text: str) -> int | None:
+def run_id_from_log(text: str) -> int | None:
+    """The run id ``flwr run`` printed ("Successfully started run N"), if it has."""
     marker = "Successfully started run "
     idx = text.find(marker)
     if idx < 0:

@@ -34,6 +34,7 @@ from deploy.flower_processes import (
     format_node_config,
     free_port,
     kill_pids,
+    run_id_from_log,
     start_process,
     wait_for_port,
 )
@@ -44,7 +45,6 @@ CONNECTION = "fedrec-sim"
 # Ray puts Unix sockets at <tmp>/ray/session_<date>_<time>_<us>_<pid>/sockets/<name>, and
 # AF_UNIX paths stop at 107 bytes (ray._private.utils.validate_socket_filepath).
 RAY_TMPDIR_MAX = 38
-RUN_STARTED = "Successfully started run "
 
 
 def repo_root() -> Path:
@@ -72,19 +72,6 @@ def ray_temp_dir(run_dir: Path) -> tuple[Path, Path | None]:
             "--out or TMPDIR"
         )
     return link, link
-
-
-def run_id_from_log(text: str) -> int | None:
-    """The run id ``flwr run`` printed, if it has."""
-    idx = text.find(RUN_STARTED)
-    if idx < 0:
-        return None
-    digits = ""
-    for ch in text[idx + len(RUN_STARTED) :]:
-        if not ch.isdigit():
-            break
-        digits += ch
-    return int(digits) if digits else None
 
 
 class SimulationEngine:

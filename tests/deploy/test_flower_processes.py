@@ -10,9 +10,9 @@ from flwr.common.config import parse_config_args
 
 from deploy.flower_processes import (
     FlowerProcessError,
-    _run_id_from_log,
     format_node_config,
     free_port,
+    run_id_from_log,
     start_process,
 )
 
@@ -35,8 +35,8 @@ def test_a_value_with_both_quotes_is_refused() -> None:
 
 
 def test_run_id_is_read_from_flwr_output() -> None:
-    assert _run_id_from_log("...\nSuccessfully started run 1234567 in x\n") == 1234567
-    assert _run_id_from_log("no run here") is None
+    assert run_id_from_log("...\nSuccessfully started run 1234567 in x\n") == 1234567
+    assert run_id_from_log("no run here") is None
 
 
 def test_stop_kills_detached_descendants(tmp_path: Path) -> None:
