@@ -207,23 +207,7 @@ def noisy_clipped_sum(
         engine.accumulate_batch(inputs[rows], targets[rows])
         noise = seeded_generator(seed ^ 0x2545F4914F6CDD1D, device)
         share = _noised_share(engine, config, noise)
-    recorded = ledger.record(
-        config.mechanism,
-        delta=config.delta,
-        max_grad_norm=config.max_grad_norm,
-        num_examples=n,
-        epsilon_budget=config.epsilon_budget,
-        model_version=model_version,
-    )
-    return ShareResult(
-        share=share,
-        num_shoppers=n,
-        epsilon=recorded.epsilon_prv,
-        epsilon_rdp=recorded.epsilon_rdp,
-        epsilon_round=recorded.epsilon_round,
-        delta=config.delta,
-        seconds=time.perf_counter() - started,
-    )
+    return _recorded_share(ledger, config, share, n, config.max_grad_norm, model_version, started)
 
 
 def shopper_item_weights(train: UserSequences, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,10 +269,23 @@ def noisy_item_counts(
     noisy = counts + noise * config.share_noise_std
     share = {k: torch.zeros_like(v) for k, v in state.items()}
     share["head.bias"] = (noisy / config.share_scale).to(bias.dtype)
+    return _recorded_share(ledger, config, share, n, 1.0, model_version, started)
+
+
+def _recorded_share(
+    ledger: PrivacyLedger,
+    config: ShareConfig,
+    share: dict[str, torch.Tensor],
+    n: int,
+    max_grad_norm: float,
+    model_version: str,
+    started: float,
+) -> ShareResult:
+    """Charge the round to the site's ledger and wrap the share with what it cost."""
     recorded = ledger.record(
         config.mechanism,
         delta=config.delta,
-        max_grad_norm=1.0,
+        max_grad_norm=max_grad_norm,
         num_examples=n,
         epsilon_budget=config.epsilon_budget,
         model_version=model_version,
