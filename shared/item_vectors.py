@@ -12,7 +12,9 @@ item x attribute matrix (each item's row L2-normalised, so the dot product of tw
 vectors approximates the cosine of their attribute sets, the best rank-``dim`` fit in the
 least-squares sense); items without attributes get a zero vector. `init_item_tables`
 writes them into a model's input table (``item_emb``) and/or output table (the ``head``'s
-weight), scaled to mean row norm ``scale``. Row 0 (padding) stays zero.
+weight), scaled to mean row norm ``scale``. Row 0 (padding) stays zero. `attribute_mean`
+lets a new item borrow a per-item quantity (a count, a learned bias) from the known items
+that share its attributes (cold start, docs/cold_start.md).
 """
 
 from __future__ import annotations
@@ -107,3 +109,30 @@ def init_item_tables(
             weight.copy_(vectors.to(weight.dtype))
             names.append(f"{targets[table]}.weight")
     return names
+
+
+def attribute_mean(values: np.ndarray, known: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Per item, the mean over its attributes of the mean ``values`` of *known* items with it.
+
+    How a new item (no interaction yet) borrows a per-item quantity, such as a popularity
+    count or a learned output bias, from the known items that share its public attributes.
+    ``values`` (V + 1,), ``known`` (V + 1,) bool, ``matrix`` the (V + 1, A) item x attribute
+    matrix of `attribute_matrix` (nonzero = has the attribute). An item none of whose
+    attributes a known item carries gets the mean over all known items.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    known = np.asarray(known, dtype=bool)
+    if values.shape != known.shape or matrix.shape[0] != len(values):
+        raise DataError("values, known and the attribute matrix must have one row per item")
+    if not known.any():
+        raise DataError("no known item to borrow from")
+    has = (matrix != 0).astype(np.float64)  # (V + 1, A)
+    known_has = has * known[:, None]
+    carriers = known_has.sum(axis=0)  # (A,) known items with each attribute
+    per_attribute = np.divide(
+        known_has.T @ values, carriers, out=np.zeros(has.shape[1]), where=carriers > 0
+    )
+    usable = (carriers > 0).astype(np.float64)
+    n = has @ usable  # (V + 1,) attributes of each item that some known item carries
+    fallback = np.full(len(values), float(values[known].mean()))
+    return np.divide(has @ (per_attribute * usable), n, out=fallback, where=n > 0)
