@@ -104,11 +104,22 @@ def train(
     threads: Annotated[
         int | None, typer.Option(help="CPU threads (default: the cores not already busy).")
     ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(help="A trained model directory to distil from (same catalogue)."),
+    ] = None,
+    distill_alpha: Annotated[
+        float, typer.Option(help="Weight of the teacher's soft targets in the loss (0-1).")
+    ] = 0.5,
+    distill_temperature: Annotated[
+        float, typer.Option(help="Softmax temperature of the distillation term.")
+    ] = 2.0,
     json_out: JsonFlag = False,
 ) -> None:
     """Train a model (leave-one-out, early stopping on validation NDCG@10), save it with ONNX.
 
-    Defaults are the tuned ones (docs/models.md); every option overrides one of them.
+    Defaults are the tuned ones (docs/models.md); every option overrides one of them. With
+    --teacher the model also learns from that model's soft targets (docs/distillation.md).
 
     Example: fedrec train --data ../shared/data/amazon_s3rec/Beauty.txt --format s3rec
     --model sasrec --out state/models/beauty-sasrec
@@ -116,7 +127,8 @@ def train(
     with _one_line_errors():
         import dataclasses
 
-        from shared.artifacts import save_model_dir
+        from shared.artifacts import load_model_dir, save_model_dir
+        from shared.distillation import DistillConfig
         from shared.models import MODEL_KINDS, build_model
         from shared.readers import read_dataset
         from shared.training import (
@@ -140,9 +152,25 @@ def train(
             raise ConfigError(f"--max-len must be at least 1, got {max_len}")
         if lr is not None and not (math.isfinite(lr) and lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {lr}")
+        distill = DistillConfig(distill_alpha, distill_temperature)
         err = Console(stderr=True)
         dataset = read_dataset(data, fmt)
         vocab, split = prepare_split(dataset.events)
+        teacher_net, distillation = None, None
+        if teacher is not None:
+            teacher_net, teacher_vocab, teacher_meta = load_model_dir(teacher)
+            if teacher_vocab.item_ids != vocab.item_ids:
+                raise ConfigError(
+                    f"the teacher {teacher} was trained on another catalogue "
+                    f"({teacher_vocab.n_items} items, this data {vocab.n_items})"
+                )
+            distillation = {
+                "teacher": str(teacher),
+                "teacher_kind": teacher_meta.kind,
+                "teacher_version": teacher_meta.version,
+                "alpha": distill.alpha,
+                "temperature": distill.temperature,
+            }
         field_names = {f.name for f in dataclasses.fields(MODEL_KINDS[model][0])}
         sizes: dict[str, int | None] = {k: dim for k in ("dim", "hidden") if k in field_names}
         if max_len is not None and "max_len" in field_names:
@@ -169,6 +197,8 @@ def train(
             config,
             progress=not json_out,
             on_epoch=(lambda r: err.print(_epoch_line(r), highlight=False)) if json_out else None,
+            teacher=teacher_net,
+            distill=distill,
         )
         metrics = {
             **{f"test_{k}": v for k, v in result.test.items()},
@@ -190,11 +220,17 @@ def train(
                 "history": [dataclasses.asdict(r) for r in result.history],
                 "device": result.device,
                 "threads": result.threads,
+                **({"distillation": distillation} if distillation else {}),
             },
         )
         if json_out:
             typer.echo(
-                _metrics_json(result.test, result.train_seconds, best_epoch=result.best_epoch)
+                _metrics_json(
+                    result.test,
+                    result.train_seconds,
+                    best_epoch=result.best_epoch,
+                    **({"distilled_from": str(teacher)} if teacher else {}),
+                )
             )
             return
         console = Console()

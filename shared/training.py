@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.distillation import DistillConfig, check_teacher, distill_loss_backward
 from shared.errors import ConfigError, DataError
 from shared.metrics import ScoreFn, evaluate_ranking
 from shared.sequences import DataSplit, UserSequences, build_sequences, leave_one_out, pad_left
@@ -245,10 +246,13 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_batch: Callable[[], None] | None = None,
     deadline: float | None = None,
+    teacher: nn.Module | None = None,
+    distill: DistillConfig | None = None,
 ) -> float:
     """One pass over the examples in length-grouped batches; the mean loss per target.
 
     With a ``deadline`` (a `time.perf_counter` value) the pass ends early once it is passed.
+    With a ``teacher`` the loss is `shared.distillation`'s (``distill``, default settings).
     """
     model.train()
     autocast_dtype = resolve_precision(config.precision, device)
@@ -261,7 +265,12 @@ def train_epoch(
         with torch.autocast(
             device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
         ):
-            loss = chunked_loss_backward(model, x, y, config.head_chunk, config.label_smoothing)
+            if teacher is None:
+                loss = chunked_loss_backward(model, x, y, config.head_chunk, config.label_smoothing)
+            else:
+                loss = distill_loss_backward(
+                    model, teacher, x, y, config.head_chunk, distill or DistillConfig()
+                )
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -396,19 +405,25 @@ def train_model(
     config: TrainConfig | None = None,
     progress: bool = False,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    teacher: nn.Module | None = None,
+    distill: DistillConfig | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``split.train``; early stopping on validation NDCG@10.
 
     The best epoch's weights are restored before the test metrics are computed. A
     `shared.models.popularity.Popularity` model is fitted by counting instead. torch's
-    intra-op thread count is set to `resolve_threads(config.threads)` for the call.
+    intra-op thread count is set to `resolve_threads(config.threads)` for the call. With a
+    ``teacher`` (a trained model of the same catalogue, left unchanged) the student learns
+    from its soft targets too (`shared.distillation`).
     """
     config = config or TrainConfig()
+    if teacher is not None:
+        check_teacher(model, teacher)
     threads = resolve_threads(config.threads)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = _train(model, split, config, progress, on_epoch)
+        result = _train(model, split, config, progress, on_epoch, teacher, distill)
     finally:
         torch.set_num_threads(before)
     return replace(result, threads=threads)
@@ -420,6 +435,8 @@ def _train(
     config: TrainConfig,
     progress: bool,
     on_epoch: Callable[[EpochRecord], None] | None,
+    teacher: nn.Module | None = None,
+    distill: DistillConfig | None = None,
 ) -> TrainResult:
     from shared.models.popularity import Popularity
 
@@ -431,6 +448,8 @@ def _train(
     max_len = int(model.config.max_len)  # type: ignore[union-attr,arg-type]
     start = time.perf_counter()
 
+    if isinstance(model, Popularity) and teacher is not None:
+        raise ConfigError("a popularity model is counted, not trained: it cannot be distilled")
     if isinstance(model, Popularity):
         # Validated on training counts; the final model (and its test metrics) also counts
         # the validation events, which precede every test event and are in its history.
@@ -453,6 +472,8 @@ def _train(
     if len(inputs) == 0:
         raise DataError("no training sequence has two or more events")
     model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(inputs) / config.batch_size)
     total_steps = max(1, steps_per_epoch * config.epochs)
@@ -490,6 +511,8 @@ def _train(
                 scheduler,
                 bars.batch,
                 deadline,
+                teacher,
+                distill,
             )
             valid = evaluate_model(
                 model, split.valid, device=device, batch_size=config.eval_batch_size
