@@ -119,7 +119,7 @@ def train(
     """Train a model (leave-one-out, early stopping on validation NDCG@10), save it with ONNX.
 
     Defaults are the tuned ones (docs/models.md); every option overrides one of them. With
-    --teacher the model also learns from that model's soft targets (docs/distillation.md).
+    --teacher the model also learns from that model's soft targets (docs/compression.md).
 
     Example: fedrec train --data ../shared/data/amazon_s3rec/Beauty.txt --format s3rec
     --model sasrec --out state/models/beauty-sasrec

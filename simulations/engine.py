@@ -21,9 +21,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 from deploy.flower_processes import (
@@ -107,6 +108,12 @@ class SimulationEngine:
         self.env = env
 
     def __enter__(self) -> SimulationEngine:
+        # SIGTERM (systemd, docker stop, a CI timeout, `kill`) would end Python at once and
+        # leave the detached SuperLink, SuperExec and Ray behind: make it take the Ctrl-C
+        # path instead, which stops the Flower run and then every process (`close`).
+        self._sigterm_before: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm_before = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
     def __exit__(
@@ -115,7 +122,14 @@ class SimulationEngine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        restore = self._sigterm_before is not None
+        if restore:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut cleanup
+        try:
+            self.close()
+        finally:
+            if restore:
+                signal.signal(signal.SIGTERM, self._sigterm_before)
 
     # ------------------------------------------------------------------ SuperLink
     def start(self, timeout: float = 90.0) -> None:
@@ -250,6 +264,11 @@ class SimulationEngine:
         kill_pids(self.leftovers())
         if self.ray_link is not None and self.ray_link.is_symlink():
             self.ray_link.unlink()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so that every `finally` and `__exit__` runs."""
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def _ray_processes(engine: SimulationEngine) -> Iterator[int]:
