@@ -116,6 +116,8 @@ class Federation:
         )
         self.accountant: Any = None
         self._accounting_key: dict[str, Any] = {}
+        # Registry round numbers continue across runs; the lr schedule counts this run's.
+        self.first_round = self.registry.next_round_number()
         try:
             self.model = self._initial_model()
         except BaseException as err:
@@ -329,7 +331,7 @@ class Federation:
             privacy_mode=cfg.privacy_mode,
             local_epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
+            learning_rate=cfg.round_learning_rate(number - self.first_round + 1),
             noise_multiplier=cfg.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
             seed=cfg.seed + number,

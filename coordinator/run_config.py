@@ -73,6 +73,11 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 0.001
+    # "cosine": round r of R trains with lr x (m + (1 - m) (1 + cos(pi (r - 1) / (R - 1))) / 2),
+    # m = lr-min-ratio; the last rounds take small steps, as centralized training's decay
+    # does. "constant" (and mode "continuous", which has no last round): lr every round.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_ratio: float = 0.05
     # --- model and catalogue
     model_kind: str = "gru"
     model_config: str = "{}"  # JSON object merged over the model kind's defaults
@@ -130,6 +135,14 @@ class RunConfig:
         """Where the coordinator keeps a model directory per version."""
         return self.resolved_state_dir / "coordinator" / "models"
 
+    def round_learning_rate(self, index: int) -> float:
+        """The local learning rate of this run's ``index``-th round (1-based)."""
+        if self.lr_schedule == "constant" or self.mode != "rounds" or self.num_rounds < 2:
+            return self.learning_rate
+        progress = min(1.0, max(0.0, (index - 1) / (self.num_rounds - 1)))
+        m = self.lr_min_ratio
+        return self.learning_rate * (m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
     @property
     def frozen_parameters(self) -> tuple[str, ...]:
         """``frozen`` split into parameter names."""
@@ -184,6 +197,12 @@ class RunConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise RunConfigError(f"{_key(name)} must be in (0, 1), got {value}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise RunConfigError(
+                f"lr-schedule must be constant or cosine, got {self.lr_schedule!r}"
+            )
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise RunConfigError(f"lr-min-ratio must be in [0, 1], got {self.lr_min_ratio}")
         if not 0.0 <= self.trim_beta < 0.5:
             raise RunConfigError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
         if self.eval_k < 1:

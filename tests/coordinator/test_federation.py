@@ -246,3 +246,30 @@ def test_a_site_lost_after_training_does_not_block_evaluation(
     assert round_["status"] == "completed" and round_["sites_accepted"] == 3
     evaluated = [s for s in registry.site_results(round_["number"]) if s["phase"] == "evaluate"]
     assert len(evaluated) == 2 and round_["eval_metrics"]
+
+
+def test_a_cosine_schedule_counts_the_rounds_of_each_run(
+    world: tuple[Path, dict[int, Path], Path],
+) -> None:
+    # Arrange: two runs on one registry, so the second run's rounds are numbered 3 and 4
+    catalogue, sites, state = world
+    cfg = config(
+        catalogue,
+        state,
+        **{"num-rounds": 2, "privacy-mode": "none", "fraction-evaluate": 0.0},
+        **{"learning-rate": 0.01, "lr-schedule": "cosine", "lr-min-ratio": 0.1},
+    )
+    sent: list[float] = []
+    # Act
+    for _ in range(2):
+        grid = InProcessGrid(sites)
+        run_federation(cfg, grid)
+        rates = {
+            float(m.content["config"]["learning-rate"])  # type: ignore[arg-type]
+            for m in grid.sent
+            if m.metadata.message_type == "train"
+        }
+        assert len(rates) == 2  # one rate per round, the same for every site
+        sent += sorted(rates, reverse=True)
+    # Assert: each run starts at lr and ends at the floor
+    assert sent == pytest.approx([0.01, 0.001, 0.01, 0.001])

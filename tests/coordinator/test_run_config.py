@@ -1,6 +1,7 @@
 """RunConfig: pyproject defaults, types, ranges and the SecAgg+/app-mode guards."""
 
 import dataclasses
+import itertools
 import tomllib
 from pathlib import Path
 
@@ -76,3 +77,21 @@ def test_state_dir_defaults_to_the_environment(
     cfg = RunConfig()
     assert cfg.registry_path == tmp_path / "coordinator" / "coordinator.db"
     assert RunConfig(state_dir=str(tmp_path / "x")).model_store == tmp_path / "x/coordinator/models"
+
+
+def test_cosine_schedule_decays_from_lr_to_the_floor_over_the_run() -> None:
+    # Arrange
+    cosine = RunConfig(num_rounds=5, learning_rate=0.01, lr_schedule="cosine", lr_min_ratio=0.1)
+    # Act
+    rates = [cosine.round_learning_rate(i) for i in range(1, 6)]
+    # Assert: lr in round 1, the floor in the last, halfway at the middle, never rising
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
+    assert rates[2] == pytest.approx(0.0055)
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    assert RunConfig(learning_rate=0.01).round_learning_rate(3) == 0.01  # constant
+    continuous = dataclasses.replace(cosine, mode="continuous")
+    assert continuous.round_learning_rate(5) == 0.01  # no last round to decay towards
+    with pytest.raises(RunConfigError, match="lr-schedule"):
+        RunConfig.from_mapping({"lr-schedule": "linear"})
+    with pytest.raises(RunConfigError, match="lr-min-ratio"):
+        RunConfig.from_mapping({"lr-min-ratio": 1.5})
