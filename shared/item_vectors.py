@@ -2,7 +2,7 @@
 
 Under user-level DP the item tables are the hard part of a recommender: each item's row is
 learned only from the few shoppers who bought it, while DP noise lands on every row
-(docs/privacy.md, "What each lever bought"). The catalogue's attributes (Beauty: brand and
+(docs/results.md, "what each lever buys"). The catalogue's attributes (Beauty: brand and
 categories) are public, cost no privacy, and are shared by many items, so vectors built
 from them carry the structure ("same brand", "same category") that DP-SGD cannot afford to
 learn item by item.
