@@ -86,23 +86,15 @@ def distill_loss_backward(
 
     inputs, targets (B, T) int64 (0 = padding). Returns the mean loss per target.
     """
-    h = student.encode(inputs)  # type: ignore[operator]  # (B, T, H)
+    from shared.training import chunked_loss_backward  # training imports this module
+
     mask = targets > 0  # (B, T)
-    states = h[mask]  # (N, H)
-    wanted = targets[mask]  # (N,)
     with torch.no_grad():
         teacher_states = teacher.encode(inputs)[mask]  # type: ignore[operator]  # (N, H_t)
-    n = len(wanted)
-    leaf = states.detach().requires_grad_(True)
-    total = 0.0
-    for start in range(0, n, chunk):
-        end = start + chunk
-        logits = student.head(leaf[start:end])  # type: ignore[operator]  # (C, V)
+
+    def chunk_loss(logits: torch.Tensor, wanted: torch.Tensor, rows: slice) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logits = teacher.head(teacher_states[start:end])  # type: ignore[operator]
-        loss = distillation_loss(logits, teacher_logits, wanted[start:end], config) / max(1, n)
-        loss.backward()  # type: ignore[no-untyped-call]
-        total += float(loss.detach())
-    if leaf.grad is not None:
-        states.backward(leaf.grad)
-    return total
+            teacher_logits = teacher.head(teacher_states[rows])  # type: ignore[operator]
+        return distillation_loss(logits, teacher_logits, wanted, config)
+
+    return chunked_loss_backward(student, inputs, targets, chunk, chunk_loss=chunk_loss)

@@ -286,12 +286,16 @@ def train_epoch(
     return total / max(1, count)
 
 
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+
+
 def chunked_loss_backward(
     model: nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     chunk: int,
     label_smoothing: float = 0.0,
+    chunk_loss: ChunkLoss | None = None,
 ) -> float:
     """Back-propagate `sequence_loss` with the head run on ``chunk`` targets at a time.
 
@@ -300,7 +304,9 @@ def chunked_loss_backward(
     its states are detached, each chunk's loss is back-propagated into the head and the
     detached states, then the states' gradient into the encoder. Chunks small enough for
     the allocator to reuse (512 x 12k floats = 25 MB) also avoid fresh page faults every step.
-    Returns the mean loss.
+    ``chunk_loss(logits, targets, rows)`` replaces the summed cross-entropy of a chunk
+    (``rows``: its slice of the N target positions; distillation uses it). Returns the mean
+    loss.
     """
     h = model.encode(inputs)  # type: ignore[operator]  # (B, T, H)
     mask = targets > 0
@@ -310,10 +316,15 @@ def chunked_loss_backward(
     leaf = states.detach().requires_grad_(True)
     total = 0.0
     for start in range(0, n, chunk):
-        logits = model.head(leaf[start : start + chunk])  # type: ignore[operator]  # (C, V)
-        loss = F.cross_entropy(
-            logits, wanted[start : start + chunk], label_smoothing=label_smoothing, reduction="sum"
-        ) / max(1, n)
+        rows = slice(start, start + chunk)
+        logits = model.head(leaf[rows])  # type: ignore[operator]  # (C, V)
+        if chunk_loss is None:
+            summed = F.cross_entropy(
+                logits, wanted[rows], label_smoothing=label_smoothing, reduction="sum"
+            )
+        else:
+            summed = chunk_loss(logits, wanted[rows], rows)
+        loss = summed / max(1, n)
         loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
     if leaf.grad is not None:
