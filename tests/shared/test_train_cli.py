@@ -1,11 +1,9 @@
 """`fedrec train` / `fedrec evaluate` through the real root app (typer's CliRunner)."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from shared.artifacts import read_metadata, verify_model_dir
@@ -16,12 +14,7 @@ from shared.train_cli import JSON_KEYS
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

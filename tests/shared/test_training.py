@@ -4,7 +4,6 @@ import copy
 import dataclasses
 import itertools
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -35,14 +34,7 @@ from shared.training import (
     trim_left,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (10x here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
