@@ -78,6 +78,7 @@ class ExperimentServing:
         self._failed_at = 0.0
         self.problem = ""  # why the running experiment is not served, if it is not
         self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def live(self) -> LiveExperiment | None:
@@ -92,6 +93,8 @@ class ExperimentServing:
     def refresh(self) -> None:
         """Follow the site's running experiment: load its arms, or stop serving it."""
         with self._lock:
+            if self._closed:
+                return  # the service is stopping; its connection is gone
             stamp = self._ab.stamp()
             retry = self.problem and time.monotonic() - self._failed_at >= RETRY_S
             if stamp == self._stamp and not retry:
@@ -150,8 +153,14 @@ class ExperimentServing:
         }
 
     def close(self) -> None:
-        """Close the connection to ``site.db``."""
-        self._ab.close()
+        """Close the connection to ``site.db``, after a `refresh` still running in a thread.
+
+        A cancelled ``asyncio.to_thread(refresh)`` keeps running; closing the connection
+        under it crashed the process (SQLite segfault, seen in the test suite).
+        """
+        with self._lock:
+            self._closed = True
+            self._ab.close()
 
 
 def _same_serving(a: ExperimentSpec, b: ExperimentSpec) -> bool:

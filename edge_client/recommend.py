@@ -14,7 +14,7 @@ the served version; every answer is recorded as an impression (`edge_client.outc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -66,6 +66,9 @@ class _Plan:
     exclude: np.ndarray
     purchased: set[str]
     arm: ArmAssignment | None = None
+    # (item_id, event_type) of the events the history was cut from, newest first: what
+    # the reasons say the shopper did with an item, without reading the store again.
+    window: list[tuple[str, str]] = field(default_factory=list)
 
 
 def model_reason(version: str, n_events: int) -> str:
@@ -97,17 +100,23 @@ class Recommender:
         self.impressions = impressions
 
     def history(self, model: LoadedModel, user_id: str) -> np.ndarray:
-        """The shopper's newest events the model knows, as vocab indices, oldest first.
+        """The shopper's newest events the model knows, as vocab indices, oldest first."""
+        return self._window(model, user_id)[0]
+
+    def _window(self, model: LoadedModel, user_id: str) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        """The model input (`history`) and the newest events it was cut from.
 
         Items outside the vocabulary are dropped before cutting to ``max_len``, exactly as
-        `shared.sequences.build_sequences` does for training.
+        `shared.sequences.build_sequences` does for training; when that leaves the input
+        short, a deeper window is read once.
         """
         limit = model.max_len
-        raw = self.store.history(user_id, limit)
-        known = model.known(raw)
-        if len(known) < limit and len(raw) == limit:
-            known = model.known(self.store.history(user_id, limit * _HISTORY_OVERREAD))
-        return known[-limit:]
+        window = self.store.recent_items(user_id, limit)
+        known = model.known([item for item, _ in reversed(window)])
+        if len(known) < limit and len(window) == limit:
+            window = self.store.recent_items(user_id, limit * _HISTORY_OVERREAD)
+            known = model.known([item for item, _ in reversed(window)])
+        return known[-limit:], window
 
     def _prepare(self, user_id: str, exclude_purchased: bool) -> _Plan:
         """The model snapshot (the shopper's A/B arm's, if any), its input, the exclusions."""
@@ -120,12 +129,12 @@ class Recommender:
         purchased = self.store.purchased_items(user_id) if exclude_purchased else set()
         if model is None:
             return _Plan(None, _EMPTY, _EMPTY, purchased, arm)
-        return _Plan(model, self.history(model, user_id), model.known(purchased), purchased, arm)
+        history, window = self._window(model, user_id)
+        return _Plan(model, history, model.known(purchased), purchased, arm, window)
 
-    def _reasons(
-        self, model: LoadedModel, user_id: str, history: np.ndarray, recommended: list[int]
-    ) -> list[str]:
+    def _reasons(self, model: LoadedModel, plan: _Plan, recommended: list[int]) -> list[str]:
         """A shopper-readable reason per recommended index, from the model's own tables."""
+        history = plan.history
         explainer = model.explainer
         if explainer is None:
             return [model_reason(model.version, len(history))] * len(recommended)
@@ -133,18 +142,10 @@ class Recommender:
             return [history_free_reason(model.version)] * len(recommended)
         names = model.item_ids
         credited = [names[history[p] - 1] for p in explainer.attribute(history, recommended)]
-        kinds = self._latest_event_types(user_id, set(credited), model.max_len)
-        return [because(item, kinds.get(item)) for item in credited]
-
-    def _latest_event_types(self, user_id: str, items: set[str], limit: int) -> dict[str, str]:
-        """The type of the shopper's newest event of each of ``items`` (what they did)."""
         kinds: dict[str, str] = {}
-        for depth in (limit, limit * _HISTORY_OVERREAD):
-            for event in self.store.recent_events(user_id, depth):
-                kinds.setdefault(event.item_id, event.event_type)
-            if items <= kinds.keys():
-                break
-        return kinds
+        for item, kind in plan.window:  # newest first: the latest event of each item wins
+            kinds.setdefault(item, kind)
+        return [because(item, kinds.get(item)) for item in credited]
 
     def _finish(
         self,
@@ -163,7 +164,7 @@ class Recommender:
                 if not math.isfinite(score) or len(picked) == k:
                     break  # excluded items come last, scored -inf
                 picked.append((score, idx))
-            reasons = self._reasons(model, user_id, plan.history, [i for _, i in picked])
+            reasons = self._reasons(model, plan, [i for _, i in picked])
             for (score, idx), reason in zip(picked, reasons, strict=True):
                 items.append(RecommendedItem(names[idx - 1], score, reason))
         from_model = len(items)

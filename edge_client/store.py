@@ -593,6 +593,19 @@ class EventStore:
         )
         return [r[0] for r in reversed(rows)]
 
+    def recent_items(self, user_id: str, limit: int) -> list[tuple[str, str]]:
+        """``(item_id, event_type)`` of a shopper's newest ``limit`` events, newest first.
+
+        What one recommendation reads: the model input and, for the reasons, what the
+        shopper did with each of those items, in one indexed query.
+        """
+        rows = self._read(
+            "SELECT item_id, event_type FROM events WHERE user_id = ? "
+            "ORDER BY ts_ms DESC, seq DESC LIMIT ?",
+            (user_id, limit),
+        )
+        return rows
+
     def purchased_items(self, user_id: str) -> set[str]:
         """Every item the shopper has bought (excluded from recommendations by default)."""
         rows = self._read(

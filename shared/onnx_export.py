@@ -34,17 +34,26 @@ OUTPUT_NAMES = ("scores", "item_ids")
 class ServingGraph(nn.Module):
     """Wraps a sequential model: last-position logits, exclusions, top-k."""
 
+    padding_mask: torch.Tensor  # (V,): -inf at the padding index, 0 elsewhere
+
     def __init__(self, model: SequentialModel, top_k: int) -> None:
         super().__init__()
         self.model = model
         self.top_k = top_k
+        weight = model.head.weight
+        mask = torch.zeros(model.head.out_features, dtype=weight.dtype, device=weight.device)
+        mask[0] = float("-inf")
+        self.register_buffer("padding_mask", mask, persistent=False)
 
     def forward(self, items: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, T), (B, E) int64 -> scores (B, K) float32, item ids (B, K) int64."""
         h = self.model.encode(items)[:, -1, :]  # (B, H)
-        logits = self.model.head(h)  # (B, V)
+        head = self.model.head
+        # Padding is never an answer: its bias is -inf. Parameters and a buffer only, so the
+        # exporter folds the sum into a constant and the graph makes no extra (B, V) pass.
+        bias = self.padding_mask if head.bias is None else head.bias + self.padding_mask  # (V,)
+        logits = nn.functional.linear(h, head.weight, bias)  # (B, V)
         neg_inf = torch.full_like(logits[:, :1], float("-inf"))  # (B, 1)
-        logits = torch.cat([neg_inf, logits[:, 1:]], dim=1)  # padding is never an answer
         logits = logits.scatter(1, exclude, neg_inf.expand(-1, exclude.shape[1]))  # (B, V)
         scores, ids = torch.topk(logits, self.top_k, dim=1)  # (B, K)
         return scores, ids

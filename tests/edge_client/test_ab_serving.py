@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -100,4 +101,24 @@ def test_an_experiment_goes_live_only_with_every_arm_and_stops_cleanly(site: Pat
     # Assert
     assert waiting[0] is None and "v2" in waiting[1]
     assert live is not None and [m.version for m in live.models] == ["v1", "v2"]
+    assert serving.live is None
+
+
+def test_close_waits_for_a_running_refresh_and_later_refreshes_do_nothing(site: Path) -> None:
+    # Arrange: a refresh in progress on another thread holds the serving lock
+    write_model(site / "models", "v1", seed=1)
+    serving = ExperimentServing(site / "site.db", site / "models")
+    serving.refresh()
+    serving._lock.acquire()
+    closer = threading.Thread(target=serving.close)
+    # Act
+    closer.start()
+    closer.join(0.3)
+    waited = closer.is_alive()
+    serving._lock.release()
+    closer.join(10)
+    serving.refresh()  # the background loop's next turn, after the service closed it
+    # Assert: close did not pull the connection from under the refresh; none is used after
+    assert waited
+    assert not closer.is_alive()
     assert serving.live is None

@@ -149,3 +149,28 @@ def test_export_of_an_unexportable_module_is_a_model_error(tmp_path: Path) -> No
         export_onnx(Unexportable(), tmp_path / "u.onnx")
     with pytest.raises(ModelError, match="no encode"):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "l.onnx")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_is_masked_in_the_folded_bias_not_by_a_pass_over_the_scores(
+    kind: str, tmp_path: Path
+) -> None:
+    # Arrange
+    path = tmp_path / "model.onnx"
+    export_onnx(_model(kind), path)
+    graph = onnx.load(str(path)).graph
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    # Act: the node computing the catalogue's logits, and whatever reads its output
+    (head,) = [
+        n
+        for n in graph.node
+        if n.op_type == "Gemm"
+        and len(n.input) == 3
+        and constants.get(n.input[2], np.zeros(0)).shape == (N_ITEMS + 1,)
+    ]
+    readers = [n.op_type for n in graph.node if head.output[0] in n.input]
+    # Assert: the bias is a constant with -inf at index 0, and the logits go straight on
+    bias = constants[head.input[2]]
+    assert bias.shape == (N_ITEMS + 1,)
+    assert bias[0] == -np.inf and np.isfinite(bias[1:]).all()
+    assert readers in (["ScatterElements"], ["Slice", "ScatterElements"])
