@@ -181,12 +181,31 @@ def peak_memory(
     return result
 
 
-def privacy_table() -> list[dict[Any, Any]]:
-    """PRV epsilon of the default configuration after several rounds, per site size."""
-    from edge_client.local_training import LocalTrainConfig, plan_round
+def federated_defaults() -> Any:
+    """The `LocalTrainConfig` a site trains with in a default federated round.
+
+    `fedrec coordinator run` and `fedrec sim run` send the run config's values (pyproject's
+    ``[tool.flwr.app.config]``, `coordinator.run_config.RunConfig`), not `LocalTrainConfig`'s.
+    """
+    from edge_client.local_training import LocalTrainConfig
+
+    from coordinator.run_config import RunConfig
+
+    run = RunConfig()
+    return replace(
+        LocalTrainConfig(),
+        epochs=float(run.local_epochs),
+        batch_size=run.batch_size,
+        noise_multiplier=run.noise_multiplier,
+        max_grad_norm=run.max_grad_norm,
+    )
+
+
+def privacy_table(config: Any) -> list[dict[Any, Any]]:
+    """PRV epsilon of ``config`` after several rounds, per site size."""
+    from edge_client.local_training import plan_round
     from edge_client.privacy_ledger import compose
 
-    config = LocalTrainConfig()
     rows: list[dict[Any, Any]] = []
     for n in SITE_SIZES:
         mechanism = plan_round(n, config)
@@ -267,15 +286,24 @@ def main() -> None:
             mem = peak_memory(kind, n_items, shoppers, True, args.threads, batch)
             memory.append({"model": kind, "items": n_items, "dp": True, "batch": batch, **mem})
             print(f"{batch:5} {mem['peak_mb']:11.0f} {mem['training_mb']:12.0f}", flush=True)
-    privacy = privacy_table()
-    print(
-        f"\nPRV epsilon (delta={defaults.delta}, unit: one shopper) of the default config "
-        "after N rounds of 1 epoch"
-    )
-    print("shoppers      q  steps/round  " + "  ".join(f"N={r:<4}" for r in ROUNDS))
-    for p in privacy:
-        eps = "  ".join(f"{p[r]:6.2f}" for r in ROUNDS)
-        print(f"{p['shoppers']:8} {p['q']:6.4f} {p['steps']:12}  {eps}")
+    from edge_client.local_training import LocalTrainConfig
+
+    tables = {
+        "local": (LocalTrainConfig(), "`fedrec train`-style local default (LocalTrainConfig)"),
+        "federated": (federated_defaults(), "a default federated round (run config)"),
+    }
+    privacy = {}
+    for key, (config, label) in tables.items():
+        privacy[key] = privacy_table(config)
+        print(
+            f"\nPRV epsilon (delta={config.delta}, unit: one shopper) after N rounds, {label}: "
+            f"expected batch {config.batch_size}, sigma {config.noise_multiplier}, "
+            f"C {config.max_grad_norm}, {config.epochs:g} epoch(s) per round"
+        )
+        print("shoppers      q  steps/round  " + "  ".join(f"N={r:<4}" for r in ROUNDS))
+        for p in privacy[key]:
+            eps = "  ".join(f"{p[r]:6.2f}" for r in ROUNDS)
+            print(f"{p['shoppers']:8} {p['q']:6.4f} {p['steps']:12}  {eps}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

@@ -160,6 +160,44 @@ def test_median_ignores_one_outlier_that_passes_validation() -> None:
     np.testing.assert_allclose(arrays["w"].numpy(), 2.0)
 
 
+def test_trimmed_mean_cuts_each_tail_before_averaging() -> None:
+    # Arrange: five sites, beta 0.2 cuts one update off each end
+    guard = guard_for(strategy="fedtrimmedavg", trim_beta=0.2, max_update_norm=0.0)
+    nodes = [101, 102, 103, 104, 105]
+    messages = configure(guard, nodes)
+    values = [1.0, 2.0, 3.0, 4.0, 1000.0]
+    # Act
+    arrays, _ = guard.aggregate_train(
+        1,
+        [
+            reply(m, v, 1, name=f"s{i}")
+            for i, (m, v) in enumerate(zip(messages, values, strict=True))
+        ],
+    )
+    # Assert: the mean of 2, 3, 4; the outlier and the smallest update are cut
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), 3.0, rtol=1e-6)
+
+
+def test_fedadam_takes_an_adam_step_from_the_run_configs_eta_and_tau() -> None:
+    # Arrange
+    guard = guard_for(strategy="fedadam", fedadam_eta=0.05, fedadam_tau=1e-3, max_update_norm=0.0)
+    adam = guard.inner
+    m1, m2, m3 = configure(guard)
+    # Act: the sites' weighted average moves every weight from 0 to 0.2
+    arrays, _ = guard.aggregate_train(
+        1, [reply(m1, 0.1, 1, name="a"), reply(m2, 0.2, 1, name="b"), reply(m3, 0.3, 1, name="c")]
+    )
+    # Assert: one bias-corrected Adam step (Reddi et al. 2021) of size eta, not the average
+    delta = 0.2
+    m = (1 - adam.beta_1) * delta
+    v = (1 - adam.beta_2) * delta**2
+    eta = 0.05 * np.sqrt(1 - adam.beta_2**2) / (1 - adam.beta_1**2)
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), eta * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
+    assert not np.allclose(arrays["w"].numpy(), delta)
+
+
 def test_app_mode_clips_on_devices_adds_noise_and_accounts() -> None:
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 

@@ -47,7 +47,7 @@ def test_dp_round_over_tls_with_authenticated_supernodes(tmp_path: Path) -> None
         # Assert 1: it was refused and never became a node
         assert code != 0, intruder.log_tail()
         assert len([n for n in fed.list_nodes() if n.get("status") == "online"]) == len(sites)
-        # Act 2: one DP round over TLS, through the admin CLI (it runs `flwr run`)
+        # Act 2: two DP rounds over TLS, through the admin CLI (it runs `flwr run`)
         run_config = format_node_config(
             {
                 "catalogue": str(catalogue),
@@ -67,7 +67,7 @@ def test_dp_round_over_tls_with_authenticated_supernodes(tmp_path: Path) -> None
                 "--connection",
                 fed.connection,
                 "--rounds",
-                "1",
+                "2",
                 "--app",
                 str(REPO),
                 "--flwr-home",
@@ -84,14 +84,19 @@ def test_dp_round_over_tls_with_authenticated_supernodes(tmp_path: Path) -> None
             timeout=420,
             check=False,
         )
-        # Assert 2: the round completed with every site and every site serves the result
+        # Assert 2: both rounds completed with every site, the privacy cost composed over
+        # them, and every site serves the result
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout)["last_run"]["status"] == "completed"
         registry = Registry(state / "coordinator" / "coordinator.db", create=False)
-        (round_,) = registry.rounds()
-        assert round_["status"] == "completed" and round_["sites_accepted"] == 3
+        rounds = registry.rounds()
+        assert [(r["status"], r["sites_accepted"]) for r in rounds] == [("completed", 3)] * 2
+        trained = [m for m in registry.models() if m.round is not None]
         newest = registry.head()
         assert newest is not None and newest.published and newest.epsilon_max
+        first = min(trained, key=lambda m: m.round or 0)
+        assert len(trained) == 2
+        assert first.epsilon_max is not None and newest.epsilon_max > first.epsilon_max
         for site in sites:
             verify_model_dir(site / "models" / newest.version)
             assert (site / "models" / "CURRENT").read_text().strip() == newest.version
