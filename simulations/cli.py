@@ -150,7 +150,9 @@ def run(
     rounds: RoundsOpt = 3,
     local_epochs: EpochsOpt = 1,
     strategy: StrategyOpt = "fedavg",
-    privacy: Annotated[str, typer.Option(help="none | store | app.")] = "store",
+    privacy: Annotated[
+        str, typer.Option(help="none | store | app | distributed (SecAgg+, see docs/privacy.md).")
+    ] = "store",
     epsilon: Annotated[float, typer.Option(help="ε budget of the whole run, per shopper.")] = 8.0,
     delta: DeltaOpt = 1e-5,
     clip: ClipOpt = 1.0,
@@ -245,7 +247,9 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep directory (resumable).")],
     data: DataOpt = "synth",
     fmt: FormatOpt = "events",
-    modes: Annotated[str, typer.Option(help="DP modes, comma-separated: store,app.")] = "store",
+    modes: Annotated[
+        str, typer.Option(help="DP modes, comma-separated: store,app,distributed.")
+    ] = "store",
     epsilons: Annotated[
         str, typer.Option(help="ε budgets, comma-separated; inf = no DP.")
     ] = "1,2,4,8,inf",
@@ -330,7 +334,9 @@ def scale(
     ] = 10,
     rounds: RoundsOpt = 3,
     shoppers: Annotated[int, typer.Option(min=3, help="Synthetic shoppers per site.")] = 20,
-    privacy: Annotated[str, typer.Option(help="none | store | app.")] = "store",
+    privacy: Annotated[
+        str, typer.Option(help="none | store | app | distributed (SecAgg+, see docs/privacy.md).")
+    ] = "store",
     actors: ActorsOpt = None,
 ) -> None:
     """Wall time and peak memory of 10, 100, 1000 virtual sites (synthetic data), one table.

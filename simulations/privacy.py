@@ -9,6 +9,11 @@ smallest value for which R rounds of the smallest sites stay within ε.
 App mode: Flower's `RdpAccountant` composes one Gaussian release per round without
 sampling amplification (flwr 1.42's fixed-clipping accounting), so ε depends on σ and the
 number of rounds only; σ is the smallest value for which R releases stay within ε.
+
+Distributed mode: every round is one Gaussian step over the whole population, each shopper
+sampled with probability q (`coordinator.distributed_dp`); the coordinator's ledger and
+every site's compose those steps with PRV, after the optional popularity release
+(σ_p, q = 1). σ is the smallest value for which that history stays within ε.
 """
 
 from __future__ import annotations
@@ -129,3 +134,52 @@ def app_noise_multiplier(
     return _smallest_above(
         lambda s: app_epsilon(s, rounds, delta, sample_size, population) <= epsilon
     )
+
+
+def distributed_noise_multiplier(
+    epsilon: float, delta: float, steps: int, sample_rate: float, *, popularity_noise: float = 0.0
+) -> float:
+    """σ for which ``steps`` distributed DP-FedSGD steps cost at most ``epsilon`` (PRV).
+
+    With ``popularity_noise`` > 0 the popularity release (σ_p, q = 1) comes first; the
+    composition is the ledgers' own (`edge_client.privacy_ledger.compose`).
+    """
+    from edge_client.errors import PrivacyLedgerError
+    from edge_client.privacy_ledger import Mechanism, compose, noise_for_epsilon
+
+    if not epsilon > 0 or not 0 < delta < 1 or steps < 1 or not 0 < sample_rate <= 1:
+        raise SimulationError(
+            "calibration needs epsilon > 0, 0 < delta < 1, a training round and 0 < q <= 1"
+        )
+    before = [Mechanism(popularity_noise, 1.0, 1)] if popularity_noise > 0 else []
+    if before and compose(before, delta).epsilon_prv >= epsilon:
+        raise SimulationError(
+            f"the popularity release alone (sigma {popularity_noise}) spends epsilon {epsilon}"
+        )
+
+    def fits(sigma: float) -> bool:
+        return (
+            compose([*before, Mechanism(sigma, sample_rate, steps)], delta).epsilon_prv <= epsilon
+        )
+
+    # Opacus' search without the release is a lower bound (the release only adds to ε);
+    # the ledgers' composition then decides. PRV far below the answer needs gigabytes,
+    # so the search never goes under that bound.
+    try:
+        low = noise_for_epsilon(epsilon, delta, sample_rate, steps)
+    except PrivacyLedgerError as err:
+        raise SimulationError(f"no noise multiplier meets epsilon {epsilon}: {err}") from err
+    high = low
+    while not fits(high):
+        low, high = high, high * 1.05
+        if high > SIGMA_MAX:
+            raise SimulationError("no noise multiplier up to 1e4 meets this privacy budget")
+    if high == low:
+        low = low / 1.01
+    while high - low > 2e-3 * high:
+        mid = math.sqrt(low * high)
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+    return high

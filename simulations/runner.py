@@ -44,8 +44,8 @@ from shared.events import EventDataset
 from simulations.errors import SimulationError
 from simulations.partition import SPLITS, LabelBy, Partition, make_partition
 
-Privacy = Literal["none", "store", "app"]
-PRIVACY_MODES: tuple[str, ...] = ("none", "store", "app")
+Privacy = Literal["none", "store", "app", "distributed"]
+PRIVACY_MODES: tuple[str, ...] = ("none", "store", "app", "distributed")
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedadam", "fedmedian", "fedtrimmedavg")
 SPLIT_CHOICES: tuple[str, ...] = ("auto", *SPLITS)
 EVAL_K = 10
@@ -135,6 +135,8 @@ class SimConfig:
             raise ConfigError("eval-fraction must be in [0, 1]")
         if self.privacy == "app" and self.strategy != "fedavg":
             raise ConfigError("privacy app needs strategy fedavg (Flower's accountant)")
+        if self.privacy == "distributed" and self.strategy != "fedavg":
+            raise ConfigError("privacy distributed sums updates under SecAgg+: strategy fedavg")
         if self.data == "synth" and self.sites is None:
             raise ConfigError("synthetic data needs --sites")
 
@@ -248,6 +250,20 @@ def build_run_config(
     }
     if config.privacy == "store":
         values["noise-multiplier"] = noise_multiplier
+    if config.privacy == "distributed":
+        if per_round < 3:
+            raise SimulationError(
+                "privacy distributed needs at least 3 sites per round (SecAgg+ shares)"
+            )
+        values.update(
+            {
+                "noise-multiplier": noise_multiplier,
+                "secagg": True,
+                # Each site adds its 1/m share of the noise, m = the quorum: every site of
+                # the round must answer, or the sum would carry less noise than planned.
+                "quorum": per_round,
+            }
+        )
     if config.privacy == "app":
         values.update(
             {
@@ -310,6 +326,8 @@ def calibrate(
             steps_per_round=steps,
         )
         return sigma, info
+    if config.privacy == "distributed":
+        return _calibrate_distributed(config, info)
     if config.noise_multiplier is not None:
         sigma, how = config.noise_multiplier, "given"
     else:
@@ -322,6 +340,39 @@ def calibrate(
         how=how,
         accountant="rdp",
         planned_epsilon=app_epsilon(sigma, config.rounds, config.delta, per_round, n_sites),
+    )
+    return sigma, info
+
+
+def _calibrate_distributed(config: SimConfig, info: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Distributed DP-FedSGD: each round is one Gaussian step (σ, q) over every shopper.
+
+    With ``dist-popularity-noise`` σ_p set, the first round releases the item counts
+    (σ_p, q = 1) and the others train; the ledger composes both (PRV).
+    """
+    from coordinator.run_config import RunConfig
+    from simulations.privacy import distributed_noise_multiplier
+
+    defaults = RunConfig()
+    q = float(config.run_config.get("dist-sample-rate", defaults.dist_sample_rate))
+    popularity = float(
+        config.run_config.get("dist-popularity-noise", defaults.dist_popularity_noise)
+    )
+    steps = config.rounds - 1 if popularity > 0 else config.rounds
+    if config.noise_multiplier is not None:
+        sigma, how = config.noise_multiplier, "given"
+    else:
+        sigma = distributed_noise_multiplier(
+            config.epsilon, config.delta, steps, q, popularity_noise=popularity
+        )
+        how = "calibrated (PRV, one step per round over every shopper)"
+    info.update(
+        noise_multiplier=sigma,
+        how=how,
+        accountant="prv",
+        sample_rate=q,
+        steps=steps,
+        popularity_noise=popularity or None,
     )
     return sigma, info
 
@@ -511,7 +562,7 @@ def run_simulation(config: SimConfig, out: Path, *, report: Reporter | None = No
     if config.privacy != "none":
         emit("privacy", privacy_info)
     node_config: dict[str, Any] = {
-        "epsilon-budget": config.epsilon if config.privacy == "store" else 1e6,
+        "epsilon-budget": config.epsilon if config.privacy in ("store", "distributed") else 1e6,
         "delta": config.delta,
     }
     layout = write_sites(

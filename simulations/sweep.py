@@ -34,11 +34,14 @@ from simulations.runner import SUMMARY_FILE, Privacy, SimConfig, read_metrics, r
 SWEEP_FILE = "sweep.json"
 
 
+SWEEP_MODES = ("store", "app", "distributed")
+
+
 @dataclass(frozen=True)
 class SweepGrid:
     """The values each dimension of a sweep takes."""
 
-    modes: tuple[str, ...] = ("store",)  # DP modes for finite ε: store, app
+    modes: tuple[str, ...] = ("store",)  # DP modes for finite ε: store, app, distributed
     epsilons: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, math.inf)  # inf = no DP
     sites: tuple[int, ...] = (10, 100)
     alphas: tuple[float, ...] = (0.5,)  # used by the dirichlet split only
@@ -47,8 +50,8 @@ class SweepGrid:
         if not self.epsilons or not self.sites:
             raise SimulationError("a sweep needs at least one epsilon and one number of sites")
         for mode in self.modes:
-            if mode not in ("store", "app"):
-                raise SimulationError(f"sweep modes are store and app, not {mode!r}")
+            if mode not in SWEEP_MODES:
+                raise SimulationError(f"sweep modes are {', '.join(SWEEP_MODES)}, not {mode!r}")
         if any(not e > 0 for e in self.epsilons) or any(s < 1 for s in self.sites):
             raise SimulationError("epsilons must be > 0 and numbers of sites >= 1")
 

@@ -113,7 +113,7 @@ def test_non_private_rounds_have_null_epsilon() -> None:
     assert line["epsilon_max"] is None and line["ndcg@10"] is None and line["loss"] is None
 
 
-@pytest.mark.parametrize("privacy", ["none", "store", "app"])
+@pytest.mark.parametrize("privacy", ["none", "store", "app", "distributed"])
 def test_run_config_is_one_the_server_app_accepts(privacy: str, tmp_path: Path) -> None:
     config = SimConfig(privacy=privacy, sites=10, sites_per_round=4, rounds=5)  # type: ignore[arg-type]
 
@@ -130,6 +130,20 @@ def test_run_config_is_one_the_server_app_accepts(privacy: str, tmp_path: Path) 
     if privacy == "app":
         assert parsed.app_noise_multiplier == 1.5 and parsed.app_population == 10
         assert parsed.quorum == 4 and parsed.app_max_epsilon >= config.epsilon
+    if privacy == "distributed":
+        # every site of a round holds a share of the noise: all of them must answer
+        assert parsed.noise_multiplier == 1.5 and parsed.secagg and parsed.quorum == 4
+
+
+def test_distributed_needs_three_sites_a_round_and_fedavg(tmp_path: Path) -> None:
+    config = SimConfig(privacy="distributed", sites=2)
+
+    with pytest.raises(SimulationError, match="at least 3 sites"):
+        build_run_config(
+            config, n_sites=2, catalogue=tmp_path / "c.json", state_dir=tmp_path, noise_multiplier=1
+        )
+    with pytest.raises(ConfigError, match="fedavg"):
+        SimConfig(privacy="distributed", strategy="fedmedian")
 
 
 def test_run_config_errors_name_the_key(tmp_path: Path) -> None:
@@ -201,6 +215,28 @@ def test_app_calibration_matches_flowers_accountant() -> None:
     assert app_epsilon(sigma, 10, 1e-5, 5, 50) <= 8.0
     assert app_epsilon(sigma * 0.99, 10, 1e-5, 5, 50) > 8.0
     assert math.isfinite(sigma) and sigma > 1.0
+
+
+@pytest.mark.parametrize("popularity_noise", [0.0, 10.0])
+def test_distributed_calibration_is_within_the_budget_and_tight(popularity_noise: float) -> None:
+    from edge_client.privacy_ledger import Mechanism, compose
+    from simulations.privacy import distributed_noise_multiplier
+
+    sigma = distributed_noise_multiplier(4.0, 1e-5, 20, 0.05, popularity_noise=popularity_noise)
+    before = [Mechanism(popularity_noise, 1.0, 1)] if popularity_noise else []
+
+    def spent(s: float) -> float:
+        return compose([*before, Mechanism(s, 0.05, 20)], 1e-5).epsilon_prv
+
+    assert spent(sigma) <= 4.0
+    assert spent(sigma * 0.98) > 4.0  # not wastefully large
+
+
+def test_distributed_calibration_refuses_a_release_that_spends_the_budget() -> None:
+    from simulations.privacy import distributed_noise_multiplier
+
+    with pytest.raises(SimulationError, match="popularity release alone"):
+        distributed_noise_multiplier(1.0, 1e-5, 5, 0.1, popularity_noise=0.5)
 
 
 def test_memory_sampler_sums_the_whole_process_tree() -> None:
