@@ -51,7 +51,7 @@ from shared.models import build_model
 from shared.models.gru4rec import GRU4Rec
 from shared.models.popularity import Popularity
 from shared.readers import read_dataset
-from shared.sequences import DataSplit, EvalSet, UserSequences
+from shared.sequences import DataSplit, EvalSet
 from shared.training import (
     default_model_config,
     default_train_config,
@@ -63,24 +63,10 @@ from shared.training import (
 NEG = -1e9  # score of an item outside the candidate set
 
 
-def drop_items(seqs: UserSequences, drop: np.ndarray) -> UserSequences:
-    """``seqs`` without the events of the items flagged in ``drop`` ((V + 1,) bool)."""
-    keep = ~drop[seqs.items]
-    owner = np.repeat(np.arange(len(seqs)), seqs.lengths)[keep]
-    lengths = np.bincount(owner, minlength=len(seqs))
-    return UserSequences(
-        user_ids=seqs.user_ids,
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        items=seqs.items[keep],
-        event_types=seqs.event_types[keep],
-        ts_ms=seqs.ts_ms[keep],
-    )
-
-
 def eval_subset(data: EvalSet, rows: np.ndarray, drop: np.ndarray) -> EvalSet:
     """The shoppers at ``rows``, their histories without the dropped items."""
     return EvalSet(
-        histories=drop_items(data.histories.select(rows), drop), targets=data.targets[rows]
+        histories=data.histories.select(rows).without_items(drop), targets=data.targets[rows]
     )
 
 
@@ -88,7 +74,7 @@ def cold_split(split: DataSplit, cold: np.ndarray) -> tuple[DataSplit, EvalSet, 
     """(training split without the cold items, cold test set, warm test set)."""
     warm_valid = np.flatnonzero(~cold[split.valid.targets])
     train_split = DataSplit(
-        train=drop_items(split.train, cold),
+        train=split.train.without_items(cold),
         valid=eval_subset(split.valid, warm_valid, cold),
         test=eval_subset(split.test, np.flatnonzero(~cold[split.test.targets]), cold),
         kind=split.kind + "+cold-items-held-out",

@@ -187,9 +187,8 @@ def federated_defaults() -> Any:
     `fedrec coordinator run` and `fedrec sim run` send the run config's values (pyproject's
     ``[tool.flwr.app.config]``, `coordinator.run_config.RunConfig`), not `LocalTrainConfig`'s.
     """
-    from edge_client.local_training import LocalTrainConfig
-
     from coordinator.run_config import RunConfig
+    from edge_client.local_training import LocalTrainConfig
 
     run = RunConfig()
     return replace(

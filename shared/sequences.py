@@ -81,6 +81,22 @@ class UserSequences:
             ts_ms=self.ts_ms[take],
         )
 
+    def without_items(self, drop: np.ndarray) -> UserSequences:
+        """Every sequence without the events of the items flagged in ``drop`` ((V + 1,) bool).
+
+        Shoppers left empty stay (as in `truncate`); what remains keeps its order.
+        """
+        keep = ~drop[self.items]
+        owner = np.repeat(np.arange(len(self)), self.lengths)[keep]
+        lengths = np.bincount(owner, minlength=len(self))
+        return UserSequences(
+            user_ids=self.user_ids,
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            items=self.items[keep],
+            event_types=self.event_types[keep],
+            ts_ms=self.ts_ms[keep],
+        )
+
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + n)`` for each pair, vectorised."""

@@ -72,6 +72,26 @@ def test_truncate_drops_the_last_events_and_keeps_every_shopper(
 
 
 @settings(max_examples=60, deadline=None)
+@given(SEQUENCES, st.sets(st.integers(1, 30)))
+def test_without_items_removes_exactly_those_items_and_keeps_order_and_shoppers(
+    lists: list[list[int]], dropped: set[int]
+) -> None:
+    seqs = _seqs(lists)
+    flags = np.zeros(31, dtype=bool)
+    flags[list(dropped)] = True
+    kept = seqs.without_items(flags)
+    assert kept.user_ids == seqs.user_ids
+    for k, s in enumerate(lists):
+        rows = [
+            t
+            for t, i in zip(seqs.ts_ms[seqs.offsets[k] : seqs.offsets[k + 1]], s, strict=True)
+            if i not in dropped
+        ]
+        assert kept.items_of(k).tolist() == [i for i in s if i not in dropped]
+        assert kept.ts_ms[kept.offsets[k] : kept.offsets[k + 1]].tolist() == rows
+
+
+@settings(max_examples=60, deadline=None)
 @given(SEQUENCES, st.integers(3, 5))
 def test_leave_one_out_properties(lists: list[list[int]], min_events: int) -> None:
     seqs = _seqs(lists)
