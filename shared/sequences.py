@@ -60,26 +60,12 @@ class UserSequences:
         """The sequences of the shoppers at positions ``users`` (an int array)."""
         starts, ends = self.offsets[users], self.offsets[users + 1]
         lengths = ends - starts
-        take = _ranges(starts, lengths)
-        return UserSequences(
-            user_ids=tuple(self.user_ids[i] for i in users),
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            items=self.items[take],
-            event_types=self.event_types[take],
-            ts_ms=self.ts_ms[take],
-        )
+        return self._take(tuple(self.user_ids[i] for i in users), _ranges(starts, lengths), lengths)
 
     def truncate(self, drop_last: int) -> UserSequences:
         """Every sequence without its last ``drop_last`` events (shoppers left empty stay)."""
         lengths = np.maximum(self.lengths - drop_last, 0)
-        take = _ranges(self.offsets[:-1], lengths)
-        return UserSequences(
-            user_ids=self.user_ids,
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            items=self.items[take],
-            event_types=self.event_types[take],
-            ts_ms=self.ts_ms[take],
-        )
+        return self._take(self.user_ids, _ranges(self.offsets[:-1], lengths), lengths)
 
     def without_items(self, drop: np.ndarray) -> UserSequences:
         """Every sequence without the events of the items flagged in ``drop`` ((V + 1,) bool).
@@ -88,13 +74,18 @@ class UserSequences:
         """
         keep = ~drop[self.items]
         owner = np.repeat(np.arange(len(self)), self.lengths)[keep]
-        lengths = np.bincount(owner, minlength=len(self))
+        return self._take(self.user_ids, keep, np.bincount(owner, minlength=len(self)))
+
+    def _take(
+        self, user_ids: tuple[str, ...], take: np.ndarray, lengths: np.ndarray
+    ) -> UserSequences:
+        """The events at ``take`` (indices or a mask), ``lengths[k]`` of them for shopper k."""
         return UserSequences(
-            user_ids=self.user_ids,
+            user_ids=user_ids,
             offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            items=self.items[keep],
-            event_types=self.event_types[keep],
-            ts_ms=self.ts_ms[keep],
+            items=self.items[take],
+            event_types=self.event_types[take],
+            ts_ms=self.ts_ms[take],
         )
 
 

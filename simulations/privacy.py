@@ -27,11 +27,18 @@ SIGMA_MAX = 1e4  # beyond this the budget is unreachable in any useful way
 
 
 def _smallest_above(
-    fits: Callable[[float], bool], low: float = 0.05, high: float = 2.0, rel_tol: float = 2e-3
+    fits: Callable[[float], bool],
+    low: float = 0.05,
+    high: float = 2.0,
+    rel_tol: float = 2e-3,
+    grow: float = 2.0,
 ) -> float:
-    """The smallest σ (within ``rel_tol``) with ``fits(σ)``, assuming monotonicity."""
+    """The smallest σ in [``low``, ∞) (within ``rel_tol``) with ``fits(σ)``, if monotone.
+
+    ``high`` is the first guess; it is multiplied by ``grow`` until it fits.
+    """
     while not fits(high):
-        low, high = high, high * 2
+        low, high = high, high * grow
         if high > SIGMA_MAX:
             raise SimulationError("no noise multiplier up to 1e4 meets this privacy budget")
     if fits(low):
@@ -166,20 +173,7 @@ def distributed_noise_multiplier(
     # the ledgers' composition then decides. PRV far below the answer needs gigabytes,
     # so the search never goes under that bound.
     try:
-        low = noise_for_epsilon(epsilon, delta, sample_rate, steps)
+        low = noise_for_epsilon(epsilon, delta, sample_rate, steps)  # for the steps alone
     except PrivacyLedgerError as err:
         raise SimulationError(f"no noise multiplier meets epsilon {epsilon}: {err}") from err
-    high = low
-    while not fits(high):
-        low, high = high, high * 1.05
-        if high > SIGMA_MAX:
-            raise SimulationError("no noise multiplier up to 1e4 meets this privacy budget")
-    if high == low:
-        low = low / 1.01
-    while high - low > 2e-3 * high:
-        mid = math.sqrt(low * high)
-        if fits(mid):
-            high = mid
-        else:
-            low = mid
-    return high
+    return _smallest_above(fits, low=low / 1.01, high=low, grow=1.05)
