@@ -56,3 +56,26 @@ def m001_events(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX item_counts_rank ON item_counts (n DESC, item_id)")
+
+
+@migrations()
+def m002_item_day_counts(db: Database) -> None:
+    """Events per item and UTC day: the recent popularity new shoppers get.
+
+    Kept set-wise in the same transaction as every write and delete, like ``item_counts``;
+    filled here from the events already stored.
+    """
+    db.execute(
+        """
+        CREATE TABLE item_day_counts (
+            day INTEGER NOT NULL,
+            item_id TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (day, item_id)
+        ) STRICT, WITHOUT ROWID
+        """
+    )
+    db.execute(
+        "INSERT INTO item_day_counts (day, item_id, n) "
+        "SELECT ts_ms / 86400000, item_id, COUNT(*) FROM events GROUP BY 1, 2"
+    )

@@ -1,11 +1,12 @@
 """Real-time recommendations: the shopper's latest events through the served model.
 
-Nothing is cached between requests: each answer reads the shopper's newest events from the
-store, so an event accepted a moment ago already shapes the next answer. Without a model,
-for a shopper the model cannot read, or to fill a short list, the answer is this site's most
-popular items. Every item carries a reason a shopper understands: for model items the item
-of their history that the model credits (`edge_client.explain`: "because you viewed X"), for
-popular items the store's event count.
+No shopper's answer is cached between requests: each reads the shopper's newest events
+from the store, so an event accepted a moment ago already shapes the next answer. Without a
+model, for a shopper the model cannot read, or to fill a short list, the answer is this
+site's most popular items, recent ones first when a window is set (`edge_client.popularity`).
+Every item carries a reason a shopper understands: for model items the item of their
+history that the model credits (`edge_client.explain`: "because you viewed X"), for popular
+items the store's event count.
 
 During an A/B experiment (`edge_client.ab_serving`) the shopper's arm model ranks instead of
 the served version; every answer is recorded as an impression (`edge_client.outcomes`).
@@ -21,6 +22,7 @@ import numpy as np
 
 from edge_client.explain import because, history_free_reason
 from edge_client.inference import LoadedModel, ModelServer, RankBatcher
+from edge_client.popularity import SitePopularity
 from edge_client.store import EventStore
 
 if TYPE_CHECKING:
@@ -77,12 +79,6 @@ def model_reason(version: str, n_events: int) -> str:
     return f"next-item model {version}, from your last {n_events} event{plural}"
 
 
-def popularity_reason(n_events: int) -> str:
-    """Reason text of a popularity item (cold start or fill-in)."""
-    plural = "" if n_events == 1 else "s"
-    return f"popular at this store ({n_events} event{plural})"
-
-
 class Recommender:
     """Combines the event store and the model server into top-k answers."""
 
@@ -93,9 +89,11 @@ class Recommender:
         *,
         experiments: ExperimentServing | None = None,
         impressions: ImpressionLog | None = None,
+        popularity: SitePopularity | None = None,
     ) -> None:
         self.store = store
         self.models = models
+        self.popularity = popularity or SitePopularity(store)
         self.experiments = experiments
         self.impressions = impressions
 
@@ -170,8 +168,8 @@ class Recommender:
         from_model = len(items)
         if len(items) < k:
             taken = purchased | {item.item_id for item in items}
-            for item_id, n in self.store.popularity(k - len(items), exclude=taken):
-                items.append(RecommendedItem(item_id, float(n), popularity_reason(n)))
+            for item_id, n, reason in self.popularity.top(k - len(items), exclude=taken):
+                items.append(RecommendedItem(item_id, float(n), reason))
         if from_model == 0:
             source: Source = "popularity"
         elif from_model == len(items):

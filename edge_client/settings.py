@@ -63,6 +63,15 @@ class EdgeSettings(BaseSettings):
         True, description="record every answer (A/B outcomes, recommendation effect R)"
     )
     impression_retention_days: float = Field(30.0, gt=0, le=MAX_RETENTION_DAYS)
+    popularity_window_days: int = Field(
+        14,
+        ge=0,
+        le=3660,
+        description="new shoppers get the items of the store's last N days first (0 = all-time)",
+    )
+    popularity_refresh_s: float = Field(
+        30.0, gt=0, le=86_400, description="how often that recent ranking is recomputed"
+    )
     indicator_window_days: float = Field(
         30.0, gt=0, le=MAX_RETENTION_DAYS, description="window of the R and I_u indicators"
     )

@@ -47,6 +47,7 @@ EVENT_TYPES: frozenset[str] = frozenset(t.value for t in EventType)
 IMPORT_ID_PREFIX = "imp-"
 MAX_PROBLEMS = 100  # rows named in one error; the total is always reported
 CACHE_KIB = 32 * 1024  # SQLite page cache per connection
+DAY_MS = 86_400_000  # the buckets of ``item_day_counts`` are UTC days
 IMPORT_CACHE_KIB = 512 * 1024  # ... while a bulk import runs
 MAX_RETENTION_DAYS = 100 * 366  # retention bounds (beyond them SQLite integers overflow)
 MAX_USER_CAP = 1_000_000_000
@@ -66,6 +67,15 @@ _COUNT_NEW = (
 _ADD_COUNTS = (
     "INSERT INTO item_counts (item_id, n) VALUES (?, ?) "
     "ON CONFLICT (item_id) DO UPDATE SET n = n + excluded.n"
+)
+_DAY_COUNT_NEW = (
+    "INSERT INTO item_day_counts (day, item_id, n) "
+    f"SELECT ts_ms / {DAY_MS}, item_id, COUNT(*) FROM events WHERE seq > ? GROUP BY 1, 2 "
+    "ON CONFLICT (day, item_id) DO UPDATE SET n = n + excluded.n"
+)
+_ADD_DAY_COUNTS = (
+    "INSERT INTO item_day_counts (day, item_id, n) VALUES (?, ?, ?) "
+    "ON CONFLICT (day, item_id) DO UPDATE SET n = n + excluded.n"
 )
 _ID_CHUNK = 500  # SQLite host parameters per IN (...) lookup
 
@@ -423,6 +433,7 @@ class EventStore:
             if fresh:
                 conn.executemany(_INSERT, fresh)
                 conn.execute(_COUNT_NEW, (before,))
+                conn.execute(_DAY_COUNT_NEW, (before,))
         return IngestResult(len(fresh), len(duplicates), tuple(duplicates))
 
     def import_events(
@@ -499,12 +510,23 @@ class EventStore:
             accepted = conn.total_changes - changes
             if accepted == n:
                 # Every row is new: count in memory instead of re-reading what was written.
-                counts = frame["item_id"].astype(str).value_counts(sort=False)
+                items = frame["item_id"].astype(str)
+                counts = items.value_counts(sort=False)
                 conn.executemany(
                     _ADD_COUNTS, zip(counts.index.tolist(), counts.tolist(), strict=True)
                 )
+                days = frame["ts_ms"].to_numpy(dtype=np.int64) // DAY_MS
+                per_day = pd.DataFrame({"day": days, "item": items}).value_counts(sort=False)
+                conn.executemany(
+                    _ADD_DAY_COUNTS,
+                    (
+                        (int(day), item, int(n))
+                        for (day, item), n in zip(per_day.index, per_day.tolist(), strict=True)
+                    ),
+                )
             elif accepted:
                 conn.execute(_COUNT_NEW, (before,))
+                conn.execute(_DAY_COUNT_NEW, (before,))
         return IngestResult(accepted, n - accepted)
 
     def _delete_where(self, conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> int:
@@ -516,6 +538,14 @@ class EventStore:
             params,
         )
         conn.execute("DELETE FROM item_counts WHERE n <= 0")
+        conn.execute(
+            "UPDATE item_day_counts SET n = item_day_counts.n - gone.c "
+            f"FROM (SELECT ts_ms / {DAY_MS} AS day, item_id, COUNT(*) AS c FROM events "
+            f"WHERE {where} GROUP BY 1, 2) AS gone "
+            "WHERE item_day_counts.day = gone.day AND item_day_counts.item_id = gone.item_id",
+            params,
+        )
+        conn.execute("DELETE FROM item_day_counts WHERE n <= 0")
         return conn.execute(f"DELETE FROM events WHERE {where}", params).rowcount
 
     def forget(self, user_id: str) -> int:
@@ -658,6 +688,23 @@ class EventStore:
             (limit + len(exclude),),
         )
         return [(item, int(n)) for item, n in rows if item not in exclude][:limit]
+
+    def recent_popularity(self, limit: int, days: int) -> list[tuple[str, int]]:
+        """``(item_id, events)`` of the store's last ``days`` UTC days, most events first.
+
+        Ties are broken by item id. The window ends at the day of the newest stored event,
+        not at the wall clock: a log imported from the past, or a store that was closed for a
+        while, still has a recent past.
+        """
+        if limit <= 0 or days <= 0:
+            return []
+        rows = self._read(
+            "SELECT item_id, SUM(n) AS total FROM item_day_counts "
+            "WHERE day > (SELECT MAX(day) FROM item_day_counts) - ? "
+            "GROUP BY item_id ORDER BY total DESC, item_id LIMIT ?",
+            (days, limit),
+        )
+        return [(item, int(n)) for item, n in rows]
 
     def ping(self) -> bool:
         """Whether the database answers a trivial query."""

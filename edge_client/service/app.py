@@ -1,9 +1,9 @@
 """The FastAPI application: `create_app(settings)`, its lifespan and error rendering.
 
 The lifespan opens the store and loads the model named by ``models/CURRENT`` once, then
-runs two background loops: a cheap poll of CURRENT (hot swap) and, when configured, the
-retention policy. Run it with one uvicorn worker: one process owns the ORT session and the
-store's write path (`fedrec edge serve`).
+runs its background loops: a cheap poll of CURRENT (hot swap), the recent-popularity
+refresh and, when configured, the retention policy. Run it with one uvicorn worker: one
+process owns the ORT session and the store's write path (`fedrec edge serve`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge_client.ab_serving import ExperimentServing, maintain
 from edge_client.inference import LoadedModel, ModelServer, RankBatcher, Rejection
 from edge_client.outcomes import ImpressionLog, indicators
+from edge_client.popularity import SitePopularity
 from edge_client.recommend import Recommender
 from edge_client.service import admin, events, health, model, recommendations
 from edge_client.service.deps import EdgeRuntime
@@ -120,6 +121,16 @@ async def _poll_models(runtime: EdgeRuntime) -> None:
             log.exception("model check failed")
 
 
+async def _refresh_popularity(popularity: SitePopularity) -> None:
+    """Recompute the recent popularity ranking every ``refresh_s``, off the event loop."""
+    while True:
+        await asyncio.sleep(popularity.refresh_s)
+        try:
+            await asyncio.to_thread(popularity.refresh)
+        except Exception:  # the loop must outlive any one failure; it is logged
+            log.exception("popularity refresh failed")
+
+
 async def _retention(runtime: EdgeRuntime) -> None:
     """Apply the retention policy every ``retention_interval_s``."""
     s = runtime.settings
@@ -184,6 +195,12 @@ def create_app(settings: EdgeSettings) -> FastAPI:
                 lambda: impressions.query(lambda c: indicators(c, impressions.clock(), window))
             ),
         )
+        popularity = SitePopularity(
+            store,
+            window_days=settings.popularity_window_days,
+            refresh_s=settings.popularity_refresh_s,
+            refresh_inline=False,
+        )
         app.state.runtime = EdgeRuntime(
             settings=settings,
             store=store,
@@ -193,6 +210,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
                 models,
                 experiments=experiments,
                 impressions=impressions if settings.log_impressions else None,
+                popularity=popularity,
             ),
             metrics=metrics,
             batcher=RankBatcher(settings.max_inference_batch, threaded=settings.inference_thread)
@@ -218,6 +236,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
                 )
             ),
         ]
+        if popularity.window_days is not None:
+            tasks.append(asyncio.create_task(_refresh_popularity(popularity)))
         if settings.retention_max_age_days or settings.retention_max_events_per_user:
             tasks.append(asyncio.create_task(_retention(app.state.runtime)))
         try:

@@ -211,7 +211,7 @@ def test_every_answer_over_http_carries_a_reason(site: Path) -> None:
         warm = c.get("/v1/users/s1/recommendations", params={"k": 50}).json()
     # Assert
     assert cold["items"] and all(
-        i["reason"].startswith("popular at this store") for i in cold["items"]
+        i["reason"].startswith("trending at this store") for i in cold["items"]
     )
     assert warm["source"] == "model" and len(warm["items"]) == 40  # the whole catalogue
     assert all(i["reason"] == "because you viewed i9" for i in warm["items"])

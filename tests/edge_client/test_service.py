@@ -262,7 +262,7 @@ def test_real_time_purchase_and_history_change_the_next_answer(site: Path) -> No
     assert cold["items"][0] == {
         "item_id": "i9",
         "score": 3.0,
-        "reason": "popular at this store (3 events)",
+        "reason": "trending at this store (3 events in the last 14 days)",
     }
     assert cold["model_version"] is None
     assert "i9" not in [i["item_id"] for i in after_purchase["items"]]

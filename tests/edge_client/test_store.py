@@ -58,7 +58,7 @@ def test_new_store_is_wal_strict_and_migrated(tmp_path: Path) -> None:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
     assert "STRICT" in sql
     assert mode == "wal"
-    assert stats["migrations"] == ["m001_events"]
+    assert stats["migrations"] == ["m001_events", "m002_item_day_counts"]
     assert stats["events"] == 0
 
 
@@ -240,7 +240,11 @@ def test_other_migration_sets_share_the_file(tmp_path: Path) -> None:
     # Assert
     with sqlite3.connect(path) as conn:
         sets = conn.execute("SELECT migration_set, name FROM _sqlite_migrations").fetchall()
-    assert set(sets) == {("fedrec-privacy", "m001_ledger"), ("fedrec-edge", "m001_events")}
+    assert set(sets) == {
+        ("fedrec-privacy", "m001_ledger"),
+        ("fedrec-edge", "m001_events"),
+        ("fedrec-edge", "m002_item_day_counts"),
+    }
     assert reopened.count_events() == 1
     assert reopened.integrity_check() == "ok"
     reopened.close()
