@@ -248,6 +248,10 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # A cancelled `asyncio.to_thread` call keeps running in its thread (a retention
+            # pass, a popularity refresh): wait for it, or the connections closed below
+            # would be pulled from under it (a SQLite segfault, seen in the test suite).
+            await asyncio.get_running_loop().shutdown_default_executor()
             if app.state.runtime.batcher is not None:
                 app.state.runtime.batcher.close()
             impressions.close()  # writes what is still buffered

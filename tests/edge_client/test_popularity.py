@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +192,33 @@ def test_no_window_means_all_time_counts(tmp_path: Path, days: int | None) -> No
     with EventStore(tmp_path / "site.db") as store:
         store.add_events([Event("e1", "u1", "a", "view", DAY0)])
         assert SitePopularity(store, window_days=days).top(1) == [("a", 1, all_time_reason(1))]
+
+
+def test_the_service_waits_for_a_running_refresh_before_closing_the_store(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: every background refresh takes 0.3 s, and the service stops during one
+    from edge_kit import client, live_server, settings_for
+
+    from edge_client.errors import StoreError
+
+    outcomes: list[str] = []
+    original = SitePopularity.refresh
+
+    def slow_refresh(self: SitePopularity) -> None:
+        time.sleep(0.3)
+        try:
+            original(self)
+            outcomes.append("ok")
+        except StoreError as err:  # the store was closed under the refresh
+            outcomes.append(f"failed: {err}")
+
+    monkeypatch.setattr(SitePopularity, "refresh", slow_refresh)
+    settings = settings_for(site, popularity_refresh_s=0.05)
+    # Act
+    with live_server(settings) as base, client(base) as c:
+        assert c.get("/healthz").status_code == 200
+        time.sleep(0.2)  # a refresh is under way when the server is told to stop
+    time.sleep(0.6)  # what a refresh left running would still do
+    # Assert: every refresh finished on an open store
+    assert outcomes and set(outcomes) == {"ok"}
