@@ -31,8 +31,8 @@ def all_time_reason(n_events: int) -> str:
 def recent_reason(n_events: int, days: int) -> str:
     """Reason text of an item ranked by recent popularity."""
     plural = "" if n_events == 1 else "s"
-    span = "today" if days == 1 else f"in the last {days} days"
-    return f"trending at this store ({n_events} event{plural} {span})"
+    span = "day" if days == 1 else f"{days} days"
+    return f"trending at this store ({n_events} event{plural} in the last {span})"
 
 
 class SitePopularity:
@@ -50,8 +50,8 @@ class SitePopularity:
         self.store = store
         self.window_days = window_days or None
         self.refresh_s = refresh_s
-        # The service refreshes from a background loop instead (`maintain`), so that no
-        # request waits for the recomputation.
+        # The service refreshes from a background loop instead (`_refresh_popularity` in
+        # edge_client/service/app.py), so that no request waits for the recomputation.
         self.refresh_inline = refresh_inline
         self._clock = clock
         self._lock = threading.Lock()

@@ -6,7 +6,8 @@ connection (sqlite3 connections must not be shared between threads). Every write
 batch is a no-op (its event ids are reported as duplicates), and readers in other threads or
 processes (the Flower ClientApp, `fedrec edge status`) are never blocked by it.
 
-Popularity, the cold-start answer, is kept in ``item_counts`` and updated set-wise in the same
+Popularity, the cold-start answer, is kept in ``item_counts`` (all-time) and
+``item_day_counts`` (per UTC day, for recent popularity), both updated set-wise in the same
 transaction as each write or delete, so a recommendation never scans the event log.
 """
 
