@@ -33,8 +33,9 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# One worker per core (at most 4), a test file per worker: the real-process tests wait on
-# process start-up much of the time, so two of them share 2 cores well (724 s -> 480 s).
+# One worker per core (at most 4), a test file per worker (module fixtures set up once).
+# The real-process tests wait on process start-up much of the time, so two share 2 cores
+# well: 724 s serial vs 480 s, both beside a training run; 513 s on the quiet machine.
 unit: install
 	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile
 
