@@ -29,9 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from edge_client.store import DAY_MS
 from shared.readers import read_dataset
 
-DAY_MS = 86_400_000
 K = 10
 
 
@@ -41,12 +41,11 @@ def top_k(counts: np.ndarray, fill: np.ndarray, k: int) -> np.ndarray:
     The same order as the edge: most events first, ties by item, items without events in
     the window after those with events, in all-time order.
     """
-    nonzero = np.flatnonzero(counts)
-    order = nonzero[np.lexsort((nonzero, -counts[nonzero]))][:k]
-    if len(order) == k:
-        return order
-    rest = [i for i in top_k_all(fill, k + len(order)) if i not in set(order.tolist())]
-    return np.concatenate([order, np.asarray(rest[: k - len(order)], dtype=np.int64)])
+    order = top_k_all(counts, k)
+    if len(order) < k:
+        taken = set(order)
+        order += [i for i in top_k_all(fill, 2 * k) if i not in taken][: k - len(order)]
+    return np.asarray(order, dtype=np.int64)
 
 
 def top_k_all(counts: np.ndarray, k: int) -> list[int]:

@@ -13,7 +13,6 @@ deeper than any answer, so a shopper's exclusions and a longer ``k`` still fill 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Collection
 
@@ -50,11 +49,10 @@ class SitePopularity:
         self.store = store
         self.window_days = window_days or None
         self.refresh_s = refresh_s
-        # The service refreshes from a background loop instead (`_refresh_popularity` in
+        # The service refreshes from a background loop instead (`_every` in
         # edge_client/service/app.py), so that no request waits for the recomputation.
         self.refresh_inline = refresh_inline
         self._clock = clock
-        self._lock = threading.Lock()
         self._recent: list[tuple[str, int]] | None = None
         self._computed_at = 0.0
 
@@ -62,9 +60,10 @@ class SitePopularity:
         """Recompute the recent ranking now (the service calls this off the event loop)."""
         if self.window_days is None:
             return
-        ranked = self.store.recent_popularity(CACHE_DEPTH, self.window_days)
-        with self._lock:
-            self._recent, self._computed_at = ranked, self._clock()
+        # One thread refreshes at a time (the service's loop, or a request when inline); a
+        # reader sees the old or the new list, either a valid answer.
+        self._recent = self.store.recent_popularity(CACHE_DEPTH, self.window_days)
+        self._computed_at = self._clock()
 
     def stale(self) -> bool:
         """Whether the recent ranking is older than ``refresh_s`` (or was never computed)."""

@@ -607,11 +607,7 @@ class EventStore:
 
     def history(self, user_id: str, limit: int) -> list[str]:
         """The item ids of a shopper's newest ``limit`` events, oldest first (model input)."""
-        rows = self._read(
-            "SELECT item_id FROM events WHERE user_id = ? ORDER BY ts_ms DESC, seq DESC LIMIT ?",
-            (user_id, limit),
-        )
-        return [r[0] for r in reversed(rows)]
+        return [item for item, _ in reversed(self.recent_items(user_id, limit))]
 
     def recent_items(self, user_id: str, limit: int) -> list[tuple[str, str]]:
         """``(item_id, event_type)`` of a shopper's newest ``limit`` events, newest first.

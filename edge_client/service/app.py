@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -111,24 +111,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _poll_models(runtime: EdgeRuntime) -> None:
-    """Check models/CURRENT every ``poll_interval_s`` (one stat when nothing changed)."""
-    while True:
-        await asyncio.sleep(runtime.settings.poll_interval_s)
-        try:
-            await asyncio.to_thread(runtime.models.check)
-        except Exception:  # the loop must outlive any one failure; it is logged
-            log.exception("model check failed")
+async def _every(interval_s: float, work: Callable[[], object], what: str) -> None:
+    """Run ``work`` in a thread every ``interval_s`` seconds, first after one interval.
 
-
-async def _refresh_popularity(popularity: SitePopularity) -> None:
-    """Recompute the recent popularity ranking every ``refresh_s``, off the event loop."""
+    The loop outlives any one failure; each is logged. Used for the CURRENT poll (one stat
+    when nothing changed) and the recent-popularity refresh.
+    """
     while True:
-        await asyncio.sleep(popularity.refresh_s)
+        await asyncio.sleep(interval_s)
         try:
-            await asyncio.to_thread(popularity.refresh)
+            await asyncio.to_thread(work)
         except Exception:  # the loop must outlive any one failure; it is logged
-            log.exception("popularity refresh failed")
+            log.exception("%s failed", what)
 
 
 async def _retention(runtime: EdgeRuntime) -> None:
@@ -226,7 +220,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         served = models.current.version if models.current else "popularity (no model yet)"
         log.info("edge service ready: store %s, serving %s", settings.db, served)
         tasks = [
-            asyncio.create_task(_poll_models(app.state.runtime)),
+            asyncio.create_task(_every(settings.poll_interval_s, models.check, "model check")),
             asyncio.create_task(
                 maintain(
                     experiments,
@@ -237,7 +231,11 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             ),
         ]
         if popularity.window_days is not None:
-            tasks.append(asyncio.create_task(_refresh_popularity(popularity)))
+            tasks.append(
+                asyncio.create_task(
+                    _every(popularity.refresh_s, popularity.refresh, "popularity refresh")
+                )
+            )
         if settings.retention_max_age_days or settings.retention_max_events_per_user:
             tasks.append(asyncio.create_task(_retention(app.state.runtime)))
         try:
