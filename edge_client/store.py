@@ -13,6 +13,7 @@ transaction as each write or delete, so a recommendation never scans the event l
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import math
@@ -60,14 +61,28 @@ _INSERT = (
     "received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_OR_IGNORE = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
+# A bulk-import chunk: ?1 is a JSON array of [event_id, user_id, item_id, event_type, ts_ms,
+# value as JSON number text or null, site] rows, ?2 the arrival time of them all.
+_INSERT_JSON = (
+    "INSERT OR IGNORE INTO events (event_id, user_id, item_id, event_type, ts_ms, value, "
+    "site, received_ms) "
+    "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, "
+    "json_extract(value ->> 5, '$'), value ->> 6, ?2 FROM json_each(?1)"
+)
 _COUNT_NEW = (
     "INSERT INTO item_counts (item_id, n) "
     "SELECT item_id, COUNT(*) FROM events WHERE seq > ? GROUP BY item_id "
     "ON CONFLICT (item_id) DO UPDATE SET n = n + excluded.n"
 )
-_ADD_COUNTS = (
-    "INSERT INTO item_counts (item_id, n) VALUES (?, ?) "
-    "ON CONFLICT (item_id) DO UPDATE SET n = n + excluded.n"
+# The WHERE true resolves SQLite's upsert-after-SELECT parsing ambiguity.
+_ADD_COUNTS_JSON = (
+    "INSERT INTO item_counts (item_id, n) SELECT value ->> 0, value ->> 1 FROM json_each(?) "
+    "WHERE true ON CONFLICT (item_id) DO UPDATE SET n = n + excluded.n"
+)
+_ADD_DAY_COUNTS_JSON = (
+    "INSERT INTO item_day_counts (day, item_id, n) "
+    "SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) "
+    "WHERE true ON CONFLICT (day, item_id) DO UPDATE SET n = n + excluded.n"
 )
 _DAY_COUNT_NEW = (
     "INSERT INTO item_day_counts (day, item_id, n) "
@@ -157,6 +172,14 @@ def _value_text(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(text, dtype=object)
 
 
+def _text_column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """Column ``name`` as an object array of str (without a round trip through Arrow)."""
+    values = frame[name].to_numpy(dtype=object)
+    if pd.api.types.infer_dtype(values, skipna=False) == "string":
+        return values
+    return frame[name].astype(str).to_numpy(dtype=object)
+
+
 def deterministic_event_ids(frame: pd.DataFrame) -> tuple[list[str], np.ndarray]:
     """Content-derived event ids for rows that have none, and a write order for them.
 
@@ -166,38 +189,109 @@ def deterministic_event_ids(frame: pd.DataFrame) -> tuple[list[str], np.ndarray]
     unique index; writing rows in the returned order (shopper prefix, shopper, time, input
     order) then appends to both indexes almost sequentially instead of at random places.
     """
+    make_ids, order = _deterministic_id_maker(frame)
+    return make_ids(np.arange(len(frame))), order
+
+
+def _deterministic_id_maker(
+    frame: pd.DataFrame,
+) -> tuple[Callable[[np.ndarray], list[str]], np.ndarray]:
+    """`deterministic_event_ids` in two steps: the order now, the ids of given rows later.
+
+    The hashing is the costly part; the bulk import runs it chunk by chunk beside SQLite.
+    """
     sep = "\x1f"
-    users = frame["user_id"].astype(str).reset_index(drop=True)
-    keys = (
-        users
-        + sep
-        + frame["item_id"].astype(str).reset_index(drop=True)
-        + sep
-        + frame["event_type"].astype(str).reset_index(drop=True)
-        + sep
-        + frame["ts_ms"].astype(str).reset_index(drop=True)
-        + sep
-        + _value_text(frame)
-        + sep
-        + frame["site"].astype(str).reset_index(drop=True)
+    canonical = pd.DataFrame(
+        {
+            "user_id": pd.Series(_text_column(frame, "user_id"), dtype=object),
+            "item_id": pd.Series(_text_column(frame, "item_id"), dtype=object),
+            "event_type": pd.Series(_text_column(frame, "event_type"), dtype=object),
+            "ts_ms": frame["ts_ms"].to_numpy(dtype=np.int64),
+            "value": _value_text(frame),
+            "site": pd.Series(_text_column(frame, "site"), dtype=object),
+        }
     )
-    if keys.duplicated().any():
-        occurrence = keys.groupby(keys, sort=False).cumcount()
-        keys = keys.where(occurrence == 0, keys + sep + occurrence.astype(str))
+    # The n-th repeat of an identical row (n >= 1) hashes "<row>\x1f<n>".
+    occurrence = np.zeros(len(canonical), dtype=np.int64)
+    repeated = canonical.duplicated(keep=False).to_numpy()
+    if repeated.any():
+        subset = canonical[repeated]
+        occurrence[repeated] = subset.groupby(list(subset.columns), sort=False).cumcount()
+    text = [canonical[c].to_numpy(dtype=object) for c in canonical.columns]
     blake = hashlib.blake2b
-    codes, uniques = pd.factorize(users)
+    codes, uniques = pd.factorize(text[0])
     prefixes = np.array(
-        [blake(u.encode(), digest_size=6).hexdigest() for u in uniques.tolist()], dtype=object
+        [f"{IMPORT_ID_PREFIX}{blake(u.encode(), digest_size=6).hexdigest()}-" for u in uniques],
+        dtype=object,
     )
     rank = np.empty(len(prefixes), dtype=np.int64)
     rank[np.argsort(prefixes, kind="stable")] = np.arange(len(prefixes))
-    row_hash = [blake(k.encode(), digest_size=10).hexdigest() for k in keys.tolist()]
-    ids = [
-        f"{IMPORT_ID_PREFIX}{p}-{h}"
-        for p, h in zip(prefixes[codes].tolist(), row_hash, strict=True)
-    ]
-    order = np.lexsort((frame["ts_ms"].to_numpy(dtype=np.int64), rank[codes]))
-    return ids, order
+    order = np.lexsort((canonical["ts_ms"].to_numpy(), rank[codes]))
+
+    def make_ids(rows: np.ndarray) -> list[str]:
+        columns = (t[rows].tolist() for t in text)
+        keys = [sep.join(map(str, row)) for row in zip(*columns, strict=True)]
+        for j in np.flatnonzero(occurrence[rows]).tolist():
+            keys[j] += f"{sep}{occurrence[rows[j]]}"
+        return [
+            p + blake(k.encode(), digest_size=10).hexdigest()
+            for p, k in zip(prefixes[codes[rows]].tolist(), keys, strict=True)
+        ]
+
+    return make_ids, order
+
+
+def _insert_chunks(
+    conn: sqlite3.Connection,
+    pool: concurrent.futures.Executor,
+    order: np.ndarray,
+    chunk_json: Callable[[np.ndarray], str],
+    chunk_size: int,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Insert the rows ``order`` names, chunk by chunk, in one open write; rows newly stored.
+
+    Each chunk is one JSON array that SQLite unpacks itself (binding eight Python objects per
+    row through executemany cost more than the insert, measured). ``pool`` builds the next
+    chunks while SQLite, which releases the GIL, writes this one: on two cores the hashing
+    and JSON encoding run beside the insert instead of before it.
+    """
+    received = now_ms()
+    changes = conn.total_changes
+    starts = range(0, len(order), chunk_size)
+    # at most two chunks wait in memory
+    ahead = [pool.submit(chunk_json, order[s : s + chunk_size]) for s in starts[:2]]
+    for i, start in enumerate(starts):
+        chunk = ahead.pop(0).result()
+        if i + 2 < len(starts):
+            later = starts[i + 2]
+            ahead.append(pool.submit(chunk_json, order[later : later + chunk_size]))
+        conn.execute(_INSERT_JSON, (chunk, received))
+        if progress is not None:
+            progress(min(chunk_size, len(order) - start))
+    return conn.total_changes - changes
+
+
+def _new_counts_json(items: np.ndarray, ts_ms: np.ndarray) -> tuple[str, str]:
+    """Rows to add to ``item_counts`` and ``item_day_counts`` for these items and times.
+
+    Both come sorted the way SQLite's BINARY collation orders ASCII ids, so the upserts walk
+    the primary keys in order.
+    """
+    codes, uniques = pd.factorize(items)  # hashing; then only the distinct ids are sorted
+    uniques = np.asarray(uniques, dtype=object)
+    by_id = np.argsort(uniques, kind="stable")
+    rank = np.empty(len(uniques), dtype=np.int64)
+    rank[by_id] = np.arange(len(uniques))
+    codes = rank[codes]
+    uniques = uniques[by_id]
+    per_item = np.bincount(codes, minlength=len(uniques))
+    totals = pd.DataFrame({"item_id": uniques, "n": per_item}).to_json(orient="values")
+    keys, per_key = np.unique((ts_ms // DAY_MS) * len(uniques) + codes, return_counts=True)
+    pairs = pd.DataFrame(
+        {"day": keys // len(uniques), "item_id": uniques[keys % len(uniques)], "n": per_key}
+    )
+    return str(totals), str(pairs.to_json(orient="values"))
 
 
 def _frame_problems(frame: pd.DataFrame, now: int) -> tuple[list[RowProblem], int]:
@@ -437,7 +531,7 @@ class EventStore:
         self,
         frame: pd.DataFrame,
         *,
-        chunk_size: int = 50_000,
+        chunk_size: int = 20_000,
         progress: Callable[[int], None] | None = None,
     ) -> IngestResult:
         """Bulk-store a canonical event frame (plus an optional ``event_id`` column).
@@ -454,70 +548,73 @@ class EventStore:
         problems, total = _frame_problems(frame, now_ms())
         if total:
             raise EventValidationError(problems, total=total)
+        make_ids: Callable[[np.ndarray], list[str]]
         if "event_id" in frame.columns:
-            event_ids = frame["event_id"].astype(str).tolist()
+            given = _text_column(frame, "event_id")
             # Shopper-then-time order (= `shared.events.sort_events`) keeps the history index
             # growing almost sequentially.
-            codes, _ = pd.factorize(frame["user_id"].astype(str), sort=True)
-            order = np.lexsort((frame["ts_ms"].to_numpy(dtype=np.int64), codes))
+            codes, users = pd.factorize(_text_column(frame, "user_id"))
+            rank = np.empty(len(users), dtype=np.int64)
+            rank[np.argsort(np.asarray(users, dtype=object), kind="stable")] = np.arange(len(users))
+            order = np.lexsort((frame["ts_ms"].to_numpy(dtype=np.int64), rank[codes]))
+
+            def given_ids(rows: np.ndarray) -> list[str]:
+                return list(given[rows])
+
+            make_ids = given_ids
+
         else:
-            event_ids, order = deterministic_event_ids(frame)
-        values = frame["value"].to_numpy(dtype=np.float64)[order]
-        value_col = values.astype(object)
-        value_col[np.isnan(values)] = None
-        received = now_ms()
-        columns = (
-            np.asarray(event_ids, dtype=object)[order].tolist(),
-            frame["user_id"].astype(str).to_numpy(dtype=object)[order].tolist(),
-            frame["item_id"].astype(str).to_numpy(dtype=object)[order].tolist(),
-            frame["event_type"].astype(str).to_numpy(dtype=object)[order].tolist(),
-            frame["ts_ms"].to_numpy(dtype=np.int64)[order].tolist(),
-            value_col.tolist(),
-            frame["site"].astype(str).to_numpy(dtype=object)[order].tolist(),
-        )
+            make_ids, order = _deterministic_id_maker(frame)
+        columns = {
+            name: _text_column(frame, name) for name in ("user_id", "item_id", "event_type", "site")
+        }
+        ts_ms = frame["ts_ms"].to_numpy(dtype=np.int64)
+        values = frame["value"].to_numpy(dtype=np.float64)
+
+        def chunk_json(rows: np.ndarray) -> str:
+            # JSON numbers from Python's float repr round-trip exactly through SQLite's JSON
+            # parser (measured; pandas' own float output keeps only 15 digits).
+            value_text = np.full(len(rows), None, dtype=object)
+            chunk_values = values[rows]
+            present = ~np.isnan(chunk_values)
+            value_text[present] = [repr(v) for v in chunk_values[present].tolist()]
+            table = pd.DataFrame(
+                {
+                    "event_id": pd.Series(make_ids(rows), dtype=object),
+                    "user_id": pd.Series(columns["user_id"][rows], dtype=object),
+                    "item_id": pd.Series(columns["item_id"][rows], dtype=object),
+                    "event_type": pd.Series(columns["event_type"][rows], dtype=object),
+                    "ts_ms": ts_ms[rows],
+                    "value": pd.Series(value_text, dtype=object),
+                    "site": pd.Series(columns["site"][rows], dtype=object),
+                }
+            )
+            return str(table.to_json(orient="values"))
+
         conn = self._conn()
         # A bulk write touches index pages all over the file: a larger page cache for its
         # duration keeps them in memory (the default suits the small writes of the service).
         conn.execute(f"PRAGMA cache_size = -{IMPORT_CACHE_KIB}")
         try:
-            return self._import_rows(frame, columns, received, chunk_size, progress)
+            with (
+                concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="import") as pool,
+                self._write() as conn,
+            ):
+                # Counted in memory beside the insert: re-reading what was written is slower.
+                # Only used when every row is new (duplicates are not counted twice).
+                counts = pool.submit(_new_counts_json, columns["item_id"], ts_ms)
+                before = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+                accepted = _insert_chunks(conn, pool, order, chunk_json, chunk_size, progress)
+                if accepted == len(frame):
+                    totals, per_day = counts.result()
+                    conn.execute(_ADD_COUNTS_JSON, (totals,))
+                    conn.execute(_ADD_DAY_COUNTS_JSON, (per_day,))
+                elif accepted:
+                    conn.execute(_COUNT_NEW, (before,))
+                    conn.execute(_DAY_COUNT_NEW, (before,))
+            return IngestResult(accepted, len(frame) - accepted)
         finally:
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-
-    def _import_rows(
-        self,
-        frame: pd.DataFrame,
-        columns: tuple[list[Any], ...],
-        received: int,
-        chunk_size: int,
-        progress: Callable[[int], None] | None,
-    ) -> IngestResult:
-        n = len(frame)
-        with self._write() as conn:
-            before = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-            changes = conn.total_changes
-            for start in range(0, n, chunk_size):
-                stop = min(start + chunk_size, n)
-                rows = zip(
-                    *(c[start:stop] for c in columns), [received] * (stop - start), strict=True
-                )
-                conn.executemany(_INSERT_OR_IGNORE, rows)
-                if progress is not None:
-                    progress(stop - start)
-            accepted = conn.total_changes - changes
-            if accepted == n:
-                # Every row is new: count in memory instead of re-reading what was written.
-                counts = frame["item_id"].astype(str).value_counts(sort=False)
-                conn.executemany(
-                    _ADD_COUNTS, zip(counts.index.tolist(), counts.tolist(), strict=True)
-                )
-                # (day, item) pairs can be nearly as many as the rows: SQLite groups the new
-                # rows faster than pandas plus one executemany row per pair (measured).
-                conn.execute(_DAY_COUNT_NEW, (before,))
-            elif accepted:
-                conn.execute(_COUNT_NEW, (before,))
-                conn.execute(_DAY_COUNT_NEW, (before,))
-        return IngestResult(accepted, n - accepted)
 
     def _delete_where(self, conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> int:
         """Delete matching events and take them out of the popularity counts (in a write)."""

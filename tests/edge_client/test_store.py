@@ -222,6 +222,101 @@ def test_events_frame_round_trips_in_canonical_order(
     pd.testing.assert_frame_equal(out, expected, check_dtype=False)
 
 
+def test_generated_ids_follow_the_published_recipe() -> None:
+    # Arrange: the recipe is part of the contract, or re-importing an old file duplicates it
+    import hashlib
+
+    data = frame([("u1", "i1", "view", T0)]).assign(value=[4.5], site=["s1"])
+    key = f"u1\x1fi1\x1fview\x1f{T0}\x1f4.5\x1fs1"
+    expected = (
+        "imp-"
+        + hashlib.blake2b(b"u1", digest_size=6).hexdigest()
+        + "-"
+        + hashlib.blake2b(key.encode(), digest_size=10).hexdigest()
+    )
+    # Act
+    ids, _ = deterministic_event_ids(data)
+    # Assert
+    assert ids == [expected]
+
+
+def _recount(path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """Both popularity tables next to a recount from the events themselves."""
+    with sqlite3.connect(path) as conn:
+        kept = conn.execute(
+            "SELECT 'all', item_id, n FROM item_counts UNION ALL "
+            "SELECT day, item_id, n FROM item_day_counts ORDER BY 1, 2"
+        ).fetchall()
+        recounted = conn.execute(
+            "SELECT 'all', item_id, COUNT(*) FROM events GROUP BY item_id UNION ALL "
+            "SELECT ts_ms / 86400000, item_id, COUNT(*) FROM events GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+    return kept, recounted
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    values=st.lists(
+        st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False)),
+        min_size=1,
+        max_size=40,
+    ),
+    client_ids=st.booleans(),
+    chunk_size=st.integers(1, 7),
+)
+def test_bulk_import_stores_values_exactly_and_counts_match_the_rows(
+    tmp_path_factory: pytest.TempPathFactory,
+    values: list[float | None],
+    client_ids: bool,
+    chunk_size: int,
+) -> None:
+    # Arrange: rows spread over days and items; half of them imported once before
+    n = len(values)
+    data = frame([(f"u{i % 3}", f"i{i % 5}", "view", T0 + i * 40_000_000) for i in range(n)])
+    data["value"] = [np.nan if v is None else v for v in values]
+    if client_ids:
+        data["event_id"] = [f"e{i}" for i in range(n)]
+    path = tmp_path_factory.mktemp("exact") / "site.db"
+    # Act
+    with EventStore(path) as store:
+        early = store.import_events(data.iloc[: n // 2], chunk_size=chunk_size)
+        result = store.import_events(data, chunk_size=chunk_size)
+        stored = store.events_frame()
+    # Assert
+    assert (early.accepted, result.accepted, result.duplicates) == (n // 2, n - n // 2, n // 2)
+    by_time = stored.sort_values("ts_ms")["value"].tolist()
+    for got, want in zip(by_time, values, strict=True):
+        if want is None:
+            assert np.isnan(got)
+        else:
+            assert got == want and np.signbit(got) == np.signbit(want)
+    kept, recounted = _recount(path)
+    assert kept == recounted
+
+
+def test_import_failing_in_a_later_chunk_stores_nothing(tmp_path: Path) -> None:
+    # Arrange: a real SQLite error in the third chunk, after two chunks were written
+    path = tmp_path / "site.db"
+    with EventStore(path) as store:
+        store.add_events([ev("kept", item="i0")])
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON events WHEN NEW.item_id = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
+        )
+    data = frame([(f"u{i:02d}", "i1", "view", T0 + i) for i in range(30)])
+    data.loc[25, "item_id"] = "boom"
+    before = (all_rows(path), _recount(path))
+    # Act
+    with EventStore(path) as store:
+        with pytest.raises(StoreError, match="nothing written: boom"):
+            store.import_events(data, chunk_size=10)
+    # Assert
+    assert (all_rows(path), _recount(path)) == before
+
+
 def test_other_migration_sets_share_the_file(tmp_path: Path) -> None:
     # Arrange: another module's set applied before and after the store opens
     path = tmp_path / "site.db"
