@@ -35,8 +35,9 @@ from edge_client.explain import ItemExplainer
 from edge_client.quantize import Precision, QuantizationError, int8_copy
 from shared.artifacts import ONNX_FILE, VOCAB_FILE, ModelMetadata, verify_model_dir
 from shared.errors import ModelError, VocabError
+from shared.events import EVENT_TYPE_CODES
 from shared.explanations import EXPLAIN_FILE, read_explanations
-from shared.sequences import pad_left, serving_input
+from shared.sequences import behaviour_tokens, pad_left, serving_input
 from shared.vocab import PAD_INDEX, ItemVocab
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,24 @@ class LoadedModel:
     def top_k(self) -> int:
         """How many items one inference returns at most."""
         return self.metadata.top_k
+
+    def model_input(self, events: Sequence[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Known items of ``(item_id, event_type)`` events, oldest first, and the graph input.
+
+        The first array holds the vocab indices of the known items. The second is what the
+        graph reads for them: the same indices, or for a multi-behaviour model their
+        `shared.sequences.behaviour_tokens` (an unknown event type gets code 0).
+        """
+        get = self.index.get
+        kept = [(get(item, PAD_INDEX), kind) for item, kind in events]
+        kept = [(i, kind) for i, kind in kept if i != PAD_INDEX]
+        items = np.fromiter((i for i, _ in kept), dtype=np.int64, count=len(kept))
+        if not self.metadata.n_behaviours:
+            return items, items
+        codes = np.fromiter(
+            (EVENT_TYPE_CODES.get(kind, 0) for _, kind in kept), dtype=np.int64, count=len(kept)
+        )
+        return items, behaviour_tokens(items, codes, self.metadata.n_items)
 
     def known(self, raw_ids: Collection[str]) -> np.ndarray:
         """Vocabulary indices of the ids the model knows, in order (unknown ids dropped)."""

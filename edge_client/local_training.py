@@ -45,7 +45,7 @@ from edge_client.privacy_ledger import (
 )
 from shared.errors import ConfigError, DataError, ModelError
 from shared.sequences import UserSequences, next_item_examples
-from shared.training import length_batches, resolve_device, sequence_loss, trim_left
+from shared.training import length_batches, n_behaviours, resolve_device, sequence_loss, trim_left
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,10 @@ def train_local(
         check_dp_compatible(model)
         mechanism = plan_round(n, config)
         after = check_budget(mechanism, config, ledger)  # before any behaviour is read
-    inputs, targets = next_item_examples(train, max_len)
+    # A multi-behaviour model reads event types in its inputs; it learns the next item here,
+    # and its will-purchase head stays as received (trained centrally, `shared.training`).
+    behaviour_items = int(model.config.n_items) if n_behaviours(model) else 0  # type: ignore[union-attr,arg-type]
+    inputs, targets = next_item_examples(train, max_len, behaviour_items)
     if len(inputs) != n:
         raise DataError(f"expected {n} training examples, built {len(inputs)}")
     cuda = [device] if device.type == "cuda" else []
@@ -268,6 +271,10 @@ def _train_dp(
     secret_seed: int | None,
 ) -> tuple[dict[str, torch.Tensor], float, int]:
     seed = secure_seed() if secret_seed is None else secret_seed
+    if hasattr(model, "purchase_head"):
+        # The DP loss is next-item only: an untouched head is frozen, not noised.
+        model = copy.deepcopy(model)
+        model.purchase_head.requires_grad_(False)
     engine = DPSGDEngine(
         model,
         lr=config.lr,
@@ -299,7 +306,9 @@ def _train_plain(
 ) -> tuple[dict[str, torch.Tensor], float, int]:
     net = copy.deepcopy(model).to(device)
     net.train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    if hasattr(net, "purchase_head"):
+        net.purchase_head.requires_grad_(False)  # as in DP rounds
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
     rng = np.random.default_rng(config.seed)
     total, count, steps = 0.0, 0, 0
     for rows in _nondp_batches(inputs, config.batch_size, config.epochs, rng):

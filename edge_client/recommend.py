@@ -71,6 +71,8 @@ class _Plan:
     # (item_id, event_type) of the events the history was cut from, newest first: what
     # the reasons say the shopper did with an item, without reading the store again.
     window: list[tuple[str, str]] = field(default_factory=list)
+    # what the graph reads: ``history`` itself, or a multi-behaviour model's tokens
+    model_input: np.ndarray = field(default_factory=lambda: _EMPTY)
 
 
 def model_reason(version: str, n_events: int) -> str:
@@ -101,8 +103,10 @@ class Recommender:
         """The shopper's newest events the model knows, as vocab indices, oldest first."""
         return self._window(model, user_id)[0]
 
-    def _window(self, model: LoadedModel, user_id: str) -> tuple[np.ndarray, list[tuple[str, str]]]:
-        """The model input (`history`) and the newest events it was cut from.
+    def _window(
+        self, model: LoadedModel, user_id: str
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        """`history`, what the graph reads for it, and the newest events it was cut from.
 
         Items outside the vocabulary are dropped before cutting to ``max_len``, exactly as
         `shared.sequences.build_sequences` does for training; when that leaves the input
@@ -110,11 +114,11 @@ class Recommender:
         """
         limit = model.max_len
         window = self.store.recent_items(user_id, limit)
-        known = model.known([item for item, _ in reversed(window)])
+        known, inputs = model.model_input(window[::-1])
         if len(known) < limit and len(window) == limit:
             window = self.store.recent_items(user_id, limit * _HISTORY_OVERREAD)
-            known = model.known([item for item, _ in reversed(window)])
-        return known[-limit:], window
+            known, inputs = model.model_input(window[::-1])
+        return known[-limit:], inputs[-limit:], window
 
     def _prepare(self, user_id: str, exclude_purchased: bool) -> _Plan:
         """The model snapshot (the shopper's A/B arm's, if any), its input, the exclusions."""
@@ -127,8 +131,8 @@ class Recommender:
         purchased = self.store.purchased_items(user_id) if exclude_purchased else set()
         if model is None:
             return _Plan(None, _EMPTY, _EMPTY, purchased, arm)
-        history, window = self._window(model, user_id)
-        return _Plan(model, history, model.known(purchased), purchased, arm, window)
+        history, inputs, window = self._window(model, user_id)
+        return _Plan(model, history, model.known(purchased), purchased, arm, window, inputs)
 
     def _reasons(self, model: LoadedModel, plan: _Plan, recommended: list[int]) -> list[str]:
         """A shopper-readable reason per recommended index, from the model's own tables."""
@@ -205,7 +209,7 @@ class Recommender:
         model = plan.model
         ranked = None
         if model is not None and len(plan.history):
-            ranked = model.rank(plan.history, plan.exclude)
+            ranked = model.rank(plan.model_input, plan.exclude)
         return self._finish(user_id, k, plan, ranked)
 
     async def recommend_batched(
@@ -215,5 +219,5 @@ class Recommender:
         plan = self._prepare(user_id, exclude_purchased)
         ranked = None
         if plan.model is not None and len(plan.history):
-            ranked = await batcher.rank(plan.model, plan.history, plan.exclude)
+            ranked = await batcher.rank(plan.model, plan.model_input, plan.exclude)
         return self._finish(user_id, k, plan, ranked)

@@ -86,6 +86,8 @@ class ModelMetadata:
     round: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     format: int = METADATA_FORMAT
+    # > 0: the graph reads `shared.sequences.behaviour_tokens` (item and event type)
+    n_behaviours: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -185,6 +187,7 @@ def save_model_dir(
             parent=parent,
             round=round,
             extra=dict(extra or {}),
+            n_behaviours=int(cfg.get("n_behaviours", 0) or 0),
         )
         _write_file(tmp / METADATA_FILE, json.dumps(meta.to_dict(), indent=2))
         _fsync_dir(tmp)

@@ -155,6 +155,8 @@ def evaluate_ranking(
     batch_size: int = 512,
     seed: int = 0,
     trim: bool = False,
+    inputs: list[np.ndarray] | None = None,
+    mask_history: bool = True,
 ) -> dict[str, float]:
     """Rank every target of ``data`` with ``score_fn``; metrics plus ``n_users``.
 
@@ -169,7 +171,12 @@ def evaluate_ranking(
         raise EvaluationError(f"unknown evaluation mode {mode!r}; expected full or sampled")
     ks = tuple(ks)
     rng = np.random.default_rng(seed)
+    if not mask_history and mode != "full":
+        raise EvaluationError("sampled evaluation always masks the history")
     histories = data.histories.item_lists()
+    model_inputs = histories if inputs is None else inputs
+    if len(model_inputs) != len(histories):
+        raise EvaluationError("inputs must hold one array per evaluated shopper")
     lengths = data.histories.lengths
     # Metrics are means over shoppers, so the order they are scored in does not matter.
     order = np.argsort(lengths, kind="stable") if trim and mode == "full" else None
@@ -183,10 +190,14 @@ def evaluate_ranking(
         hist = [histories[i] for i in rows]
         longest = max(1, int(lengths[rows].max()))
         width = min(max_len, longest) if trim else max_len
-        inputs = torch.from_numpy(pad_left(hist, width))  # (B, width)
-        masked = torch.from_numpy(pad_left(hist, longest))  # (B, longest) full history
+        batch = torch.from_numpy(pad_left([model_inputs[i] for i in rows], width))  # (B, width)
+        # (B, longest) full history; only padding (0) when seen items are not masked
+        if mask_history:
+            masked = torch.from_numpy(pad_left(hist, longest))
+        else:
+            masked = torch.zeros((len(rows), 1), dtype=torch.int64)
         targets = torch.from_numpy(data.targets[rows])
-        scores = score_fn(inputs)  # (B, V)
+        scores = score_fn(batch)  # (B, V)
         n_scored = scores.shape[1] - 1
         if mode == "full":
             s = _mask_seen(scores, masked)

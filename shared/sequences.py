@@ -56,6 +56,15 @@ class UserSequences:
         """Each shopper's items as its own array (views, no copy)."""
         return np.split(self.items, self.offsets[1:-1])
 
+    def event_type_lists(self) -> list[np.ndarray]:
+        """Each shopper's event-type codes as its own array (views, no copy)."""
+        return np.split(self.event_types, self.offsets[1:-1])
+
+    def token_lists(self, n_items: int) -> list[np.ndarray]:
+        """Each shopper's `behaviour_tokens` (the inputs of a multi-behaviour model)."""
+        tokens = behaviour_tokens(self.items, self.event_types, n_items)
+        return np.split(tokens, self.offsets[1:-1])
+
     def select(self, users: np.ndarray) -> UserSequences:
         """The sequences of the shoppers at positions ``users`` (an int array)."""
         starts, ends = self.offsets[users], self.offsets[users + 1]
@@ -65,6 +74,13 @@ class UserSequences:
     def truncate(self, drop_last: int) -> UserSequences:
         """Every sequence without its last ``drop_last`` events (shoppers left empty stay)."""
         lengths = np.maximum(self.lengths - drop_last, 0)
+        return self._take(self.user_ids, _ranges(self.offsets[:-1], lengths), lengths)
+
+    def prefixes(self, lengths: np.ndarray) -> UserSequences:
+        """Every sequence cut to its first ``lengths[u]`` events ((U,) int, each <= its length)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(lengths) != len(self) or (lengths < 0).any() or (lengths > self.lengths).any():
+            raise DataError("prefix lengths must be one per shopper, within each sequence")
         return self._take(self.user_ids, _ranges(self.offsets[:-1], lengths), lengths)
 
     def without_items(self, drop: np.ndarray) -> UserSequences:
@@ -87,6 +103,20 @@ class UserSequences:
             event_types=self.event_types[take],
             ts_ms=self.ts_ms[take],
         )
+
+
+N_BEHAVIOURS = len(EVENT_TYPE_CODES)  # the codes 1..N of a multi-behaviour model's tokens
+PURCHASE_CODE = EVENT_TYPE_CODES["purchase"]
+
+
+def behaviour_tokens(items: np.ndarray, event_types: np.ndarray, n_items: int) -> np.ndarray:
+    """Item and event type in one input id: ``item + (n_items + 1) * code`` (int64).
+
+    Code 0 (no type known) leaves the item id itself; padding (item 0, code 0) stays 0.
+    """
+    return np.asarray(items, dtype=np.int64) + (n_items + 1) * np.asarray(
+        event_types, dtype=np.int64
+    )
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -187,15 +217,21 @@ def pad_left(sequences: list[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
-def next_item_examples(train: UserSequences, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def next_item_examples(
+    train: UserSequences, max_len: int, behaviour_items: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """One training example per shopper: inputs and next-item targets, each (U, max_len).
 
     Position t of the targets is the item that followed input position t; padded positions
     have target 0, which the loss ignores. Shoppers with fewer than two events give nothing.
+    With ``behaviour_items`` (a multi-behaviour model's ``n_items``) the inputs are its
+    `behaviour_tokens`; the targets stay item indices.
     """
-    lists = [s for s in train.item_lists() if len(s) >= 2]
-    inputs = pad_left([s[:-1] for s in lists], max_len)
-    targets = pad_left([s[1:] for s in lists], max_len)
+    lists = train.item_lists()
+    sources = train.token_lists(behaviour_items) if behaviour_items else lists
+    kept = [i for i, s in enumerate(lists) if len(s) >= 2]
+    inputs = pad_left([sources[i][:-1] for i in kept], max_len)
+    targets = pad_left([lists[i][1:] for i in kept], max_len)
     return inputs, targets
 
 

@@ -114,12 +114,27 @@ def train(
     distill_temperature: Annotated[
         float, typer.Option(help="Softmax temperature of the distillation term.")
     ] = 2.0,
+    behaviours: Annotated[
+        bool,
+        typer.Option(
+            "--behaviours",
+            help="GRU only: read event types (view, cart, ...) and learn will-purchase too.",
+        ),
+    ] = False,
+    repeats: Annotated[
+        bool,
+        typer.Option(
+            "--repeats/--no-repeats",
+            help="Rank items seen before like the rest in validation and test (Taobao).",
+        ),
+    ] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Train a model (leave-one-out, early stopping on validation NDCG@10), save it with ONNX.
 
     Defaults are the tuned ones (docs/models.md); every option overrides one of them. With
-    --teacher the model also learns from that model's soft targets (docs/compression.md).
+    --teacher the model also learns from that model's soft targets (docs/compression.md);
+    with --behaviours it reads each event's type (docs/multi_behaviour.md).
 
     Example: fedrec train --data ../shared/data/amazon_s3rec/Beauty.txt --format s3rec
     --model sasrec --out state/models/beauty-sasrec
@@ -131,6 +146,7 @@ def train(
         from shared.distillation import DistillConfig
         from shared.models import MODEL_KINDS, build_model
         from shared.readers import read_dataset
+        from shared.sequences import N_BEHAVIOURS
         from shared.training import (
             default_model_config,
             default_train_config,
@@ -175,6 +191,12 @@ def train(
         sizes: dict[str, int | None] = {k: dim for k in ("dim", "hidden") if k in field_names}
         if max_len is not None and "max_len" in field_names:
             sizes["max_len"] = max_len
+        if behaviours:
+            if "n_behaviours" not in field_names:
+                raise ConfigError(f"--behaviours needs --model gru, not {model!r}")
+            if teacher is not None:
+                raise ConfigError("--behaviours and --teacher cannot be combined yet")
+            sizes["n_behaviours"] = N_BEHAVIOURS
         net = build_model(model, default_model_config(model, vocab.n_items, **sizes))
         config = with_overrides(
             default_train_config(model),
@@ -185,6 +207,7 @@ def train(
             seed=seed,
             device=device,
             threads=threads,
+            mask_history=not repeats,
         )
         err.print(
             f"{dataset.name}: {len(split.train):,} shoppers, {vocab.n_items:,} items, "

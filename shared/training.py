@@ -32,7 +32,14 @@ from torch.nn import functional as F
 from shared.distillation import DistillConfig, check_teacher, distill_loss_backward
 from shared.errors import ConfigError, DataError
 from shared.metrics import ScoreFn, evaluate_ranking
-from shared.sequences import DataSplit, UserSequences, build_sequences, leave_one_out, pad_left
+from shared.sequences import (
+    PURCHASE_CODE,
+    DataSplit,
+    UserSequences,
+    build_sequences,
+    leave_one_out,
+    pad_left,
+)
 from shared.vocab import ItemVocab
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -70,6 +77,12 @@ class TrainConfig:
     # Target positions per head/softmax chunk (`chunked_loss_backward`): bounds the memory
     # of a step's logits without changing its gradient.
     head_chunk: int = 512
+    # Weight of the will-purchase loss of a multi-behaviour model (ignored by others).
+    purchase_weight: float = 1.0
+    # Validation and test rank items already in the history last (S3-Rec protocol); False
+    # ranks them like the rest, for logs where repeats are the point (Taobao: buy what was
+    # carted).
+    mask_history: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
@@ -84,6 +97,8 @@ class TrainConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if not self.purchase_weight >= 0:
+            raise ConfigError(f"purchase_weight must be >= 0, got {self.purchase_weight}")
 
 
 @dataclass(frozen=True)
@@ -161,19 +176,55 @@ def training_examples(
     window). With ``all_windows`` a sequence longer than ``max_len + 1`` also gives its
     earlier windows, cut so that every transition of every sequence is a target once.
     """
+    items = train.item_lists()
+    inputs, targets = _windows([items, items], max_len, all_windows)
+    return inputs, targets
+
+
+def behaviour_examples(
+    train: UserSequences, max_len: int, n_items: int, all_windows: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`training_examples` of a multi-behaviour model: token inputs, item targets, purchases.
+
+    The inputs are `shared.sequences.behaviour_tokens`; the third array is 1 where the
+    target event is a purchase and 0 elsewhere (padding included), each (N, max_len).
+    """
+    purchases = [(t == PURCHASE_CODE).astype(np.int64) for t in train.event_type_lists()]
+    inputs, targets, next_purchase = _windows(
+        [train.token_lists(n_items), train.item_lists(), purchases], max_len, all_windows
+    )
+    return inputs, targets, next_purchase
+
+
+def _windows(
+    aligned: list[list[np.ndarray]], max_len: int, all_windows: bool
+) -> tuple[np.ndarray, ...]:
+    """Left-padded windows of aligned per-shopper arrays, as (N, max_len) arrays.
+
+    The first list is the input side (events 0..n-2), every other one a target side (events
+    1..n-1).
+    """
     if max_len < 1:
         raise ConfigError("max_len must be >= 1")
-    lists = [s for s in train.item_lists() if len(s) >= 2]
-    ins = [s[:-1] for s in lists]
-    outs = [s[1:] for s in lists]
+    keep = [i for i, s in enumerate(aligned[0]) if len(s) >= 2]
+    columns: list[list[np.ndarray]] = [[] for _ in aligned]
+    for i in keep:
+        for c, arrays in enumerate(aligned):
+            s = arrays[i]
+            columns[c].append(s[:-1] if c == 0 else s[1:])
     if all_windows:
-        for s in lists:
-            end = len(s) - max_len  # the latest window predicts s[end:]
+        for i in keep:
+            n = len(aligned[0][i])
+            end = n - max_len  # the latest window predicts s[end:]
             while end >= 2:
-                ins.append(s[max(0, end - 1 - max_len) : end - 1])
-                outs.append(s[max(1, end - max_len) : end])
+                for c, arrays in enumerate(aligned):
+                    s = arrays[i]
+                    if c == 0:
+                        columns[c].append(s[max(0, end - 1 - max_len) : end - 1])
+                    else:
+                        columns[c].append(s[max(1, end - max_len) : end])
                 end -= max_len
-    return pad_left(ins, max_len), pad_left(outs, max_len)
+    return tuple(pad_left(col, max_len) for col in columns)
 
 
 def length_batches(
@@ -248,12 +299,17 @@ def train_epoch(
     deadline: float | None = None,
     teacher: nn.Module | None = None,
     distill: DistillConfig | None = None,
+    purchases: np.ndarray | None = None,
 ) -> float:
     """One pass over the examples in length-grouped batches; the mean loss per target.
 
     With a ``deadline`` (a `time.perf_counter` value) the pass ends early once it is passed.
     With a ``teacher`` the loss is `shared.distillation`'s (``distill``, default settings).
+    With ``purchases`` (`behaviour_examples`) a multi-behaviour model also learns whether
+    each next event is a purchase.
     """
+    if teacher is not None and purchases is not None:
+        raise ConfigError("distillation into a multi-behaviour model is not supported")
     model.train()
     autocast_dtype = resolve_precision(config.precision, device)
     total, count = 0.0, 0
@@ -261,12 +317,23 @@ def train_epoch(
         x_np, y_np = trim_left(inputs[rows], targets[rows])
         x = torch.from_numpy(x_np).to(device)
         y = torch.from_numpy(y_np).to(device)
+        p = None
+        if purchases is not None:
+            p = torch.from_numpy(purchases[rows][:, -y_np.shape[1] :]).to(device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(
             device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
         ):
             if teacher is None:
-                loss = chunked_loss_backward(model, x, y, config.head_chunk, config.label_smoothing)
+                loss = chunked_loss_backward(
+                    model,
+                    x,
+                    y,
+                    config.head_chunk,
+                    config.label_smoothing,
+                    purchases=p,
+                    purchase_weight=config.purchase_weight,
+                )
             else:
                 loss = distill_loss_backward(
                     model, teacher, x, y, config.head_chunk, distill or DistillConfig()
@@ -296,6 +363,8 @@ def chunked_loss_backward(
     chunk: int,
     label_smoothing: float = 0.0,
     chunk_loss: ChunkLoss | None = None,
+    purchases: torch.Tensor | None = None,
+    purchase_weight: float = 1.0,
 ) -> float:
     """Back-propagate `sequence_loss` with the head run on ``chunk`` targets at a time.
 
@@ -305,8 +374,10 @@ def chunked_loss_backward(
     detached states, then the states' gradient into the encoder. Chunks small enough for
     the allocator to reuse (512 x 12k floats = 25 MB) also avoid fresh page faults every step.
     ``chunk_loss(logits, targets, rows)`` replaces the summed cross-entropy of a chunk
-    (``rows``: its slice of the N target positions; distillation uses it). Returns the mean
-    loss.
+    (``rows``: its slice of the N target positions; distillation uses it). With
+    ``purchases`` ((B, T) 0/1 beside ``targets``) the model's ``purchase_head`` adds
+    ``purchase_weight`` times the mean binary cross-entropy of "the next event is a
+    purchase". Returns the mean loss.
     """
     h = model.encode(inputs)  # type: ignore[operator]  # (B, T, H)
     mask = targets > 0
@@ -327,6 +398,11 @@ def chunked_loss_backward(
         loss = summed / max(1, n)
         loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
+    if purchases is not None and n:
+        logit = model.purchase_head(leaf).squeeze(-1)  # type: ignore[operator]  # (N,)
+        bce = F.binary_cross_entropy_with_logits(logit, purchases[mask].to(logit.dtype))
+        (purchase_weight * bce).backward()  # type: ignore[no-untyped-call]
+        total += purchase_weight * float(bce.detach())
     if leaf.grad is not None:
         states.backward(leaf.grad)
     return total
@@ -350,10 +426,18 @@ def evaluate_model(
     device: torch.device | None = None,
     batch_size: int = 512,
     seed: int = 0,
+    mask_history: bool = True,
 ) -> dict[str, float]:
-    """Ranking metrics of ``model`` on an `EvalSet` (eval mode, no gradients)."""
+    """Ranking metrics of ``model`` on an `EvalSet` (eval mode, no gradients).
+
+    A multi-behaviour model gets its histories as `shared.sequences.behaviour_tokens`.
+    ``mask_history`` as in `shared.metrics.evaluate_ranking`.
+    """
     model.eval()
     max_len = int(model.config.max_len)  # type: ignore[union-attr,arg-type]
+    inputs = None
+    if n_behaviours(model):
+        inputs = data.histories.token_lists(int(model.config.n_items))  # type: ignore[union-attr,arg-type]
     with torch.no_grad():
         return evaluate_ranking(
             last_position_scores(model, device),
@@ -363,7 +447,14 @@ def evaluate_model(
             batch_size=batch_size,
             seed=seed,
             trim=True,  # exact: every model here is invariant to left padding (tested)
+            inputs=inputs,
+            mask_history=mask_history,
         )
+
+
+def n_behaviours(model: nn.Module) -> int:
+    """Event-type codes ``model`` reads in its input tokens (0: item ids only)."""
+    return int(getattr(getattr(model, "config", None), "n_behaviours", 0) or 0)
 
 
 class _Bars:
@@ -465,13 +556,23 @@ def _train(
         # Validated on training counts; the final model (and its test metrics) also counts
         # the validation events, which precede every test event and are in its history.
         model.fit_counts(split.train.items)
-        valid = evaluate_model(model, split.valid, batch_size=config.eval_batch_size)
+        valid = evaluate_model(
+            model,
+            split.valid,
+            batch_size=config.eval_batch_size,
+            mask_history=config.mask_history,
+        )
         model.fit_counts(np.concatenate([split.train.items, split.valid.targets]))
         return TrainResult(
             history=[],
             best_epoch=0,
             best_valid=valid,
-            test=evaluate_model(model, split.test, batch_size=config.eval_batch_size),
+            test=evaluate_model(
+                model,
+                split.test,
+                batch_size=config.eval_batch_size,
+                mask_history=config.mask_history,
+            ),
             train_seconds=time.perf_counter() - start,
             n_examples=len(split.train),
             n_targets=int(split.train.n_events),
@@ -479,7 +580,14 @@ def _train(
             config=_config_dict(config),
         )
 
-    inputs, targets = training_examples(split.train, max_len, config.all_windows)
+    purchases = None
+    if n_behaviours(model):
+        n_items = int(model.config.n_items)  # type: ignore[union-attr,arg-type]
+        inputs, targets, purchases = behaviour_examples(
+            split.train, max_len, n_items, config.all_windows
+        )
+    else:
+        inputs, targets = training_examples(split.train, max_len, config.all_windows)
     if len(inputs) == 0:
         raise DataError("no training sequence has two or more events")
     model.to(device)
@@ -524,9 +632,14 @@ def _train(
                 deadline,
                 teacher,
                 distill,
+                purchases,
             )
             valid = evaluate_model(
-                model, split.valid, device=device, batch_size=config.eval_batch_size
+                model,
+                split.valid,
+                device=device,
+                batch_size=config.eval_batch_size,
+                mask_history=config.mask_history,
             )
             record = EpochRecord(
                 epoch=epoch,
@@ -553,7 +666,13 @@ def _train(
         bars.close()
     model.load_state_dict(best_state)
     train_seconds = time.perf_counter() - start
-    test = evaluate_model(model, split.test, device=device, batch_size=config.eval_batch_size)
+    test = evaluate_model(
+        model,
+        split.test,
+        device=device,
+        batch_size=config.eval_batch_size,
+        mask_history=config.mask_history,
+    )
     model.to("cpu")
     return TrainResult(
         history=history,

@@ -33,6 +33,7 @@ class GRU4RecConfig:
     hidden: int = 64  # GRU state size
     n_layers: int = 1
     dropout: float = 0.25
+    n_behaviours: int = 0  # event-type codes in the input tokens (0 = item ids only)
 
 
 class GRU4Rec(nn.Module):
@@ -42,6 +43,9 @@ class GRU4Rec(nn.Module):
         super().__init__()
         self.config = config
         self.item_emb = nn.Embedding(config.n_items + 1, config.dim, padding_idx=0)
+        if config.n_behaviours:
+            # Row 0 (unknown type, and padding) stays zero, keeping the zero-state invariant.
+            self.behaviour_emb = nn.Embedding(config.n_behaviours + 1, config.dim, padding_idx=0)
         self.emb_dropout = nn.Dropout(config.dropout)
         self.gru = nn.GRU(
             config.dim,
@@ -57,10 +61,17 @@ class GRU4Rec(nn.Module):
         self.skip = nn.Linear(config.dim, config.hidden, bias=False)
         self.out_dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, config.n_items + 1)
+        if config.n_behaviours:
+            self.purchase_head = nn.Linear(config.hidden, 1)
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:
-        """Sequence state after each event: (B, T) int64 -> (B, T, H)."""
-        x = self.emb_dropout(self.item_emb(items))  # (B, T, D); padding rows stay 0
+        """Sequence state after each event: (B, T) int64 item ids or tokens -> (B, T, H)."""
+        if self.config.n_behaviours:
+            vocab = self.config.n_items + 1
+            x = self.item_emb(items % vocab) + self.behaviour_emb(items // vocab)  # (B, T, D)
+        else:
+            x = self.item_emb(items)  # (B, T, D)
+        x = self.emb_dropout(x)  # padding rows stay 0
         h, _ = self.gru(x)  # (B, T, H)
         return self.out_dropout(h + self.skip(x))  # (B, T, H)
 

@@ -300,3 +300,28 @@ def test_bad_settings_are_refused(overrides: dict[str, object]) -> None:
 def test_asking_for_cuda_without_a_gpu_is_an_error() -> None:
     with pytest.raises(ConfigError, match="CUDA"):
         train_local(build_model("gru", GRU), sequences(), LocalTrainConfig(device="cuda"))
+
+
+def test_a_multi_behaviour_model_trains_under_dp_on_its_event_types() -> None:
+    # Arrange: the same shoppers, with event types; a model that reads them
+    torch.manual_seed(0)
+    model = build_model("gru", {**GRU, "n_behaviours": 5})
+    seqs = sequences()
+    rng = np.random.default_rng(1)
+    typed = UserSequences(
+        seqs.user_ids,
+        seqs.offsets,
+        seqs.items,
+        rng.integers(1, 5, len(seqs.items)).astype(np.int8),
+        seqs.ts_ms,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Act
+    result = train_local(model, typed, CONFIG, secret_seed=2)
+    # Assert: exact per-shopper clipping held (verified every round), the behaviour table
+    # moved, the will-purchase head (not in the DP loss) is returned unchanged
+    changed = {k for k, v in result.state_dict.items() if not torch.equal(v, before[k])}
+    assert "behaviour_emb.weight" in changed and "item_emb.weight" in changed
+    assert not changed & {"purchase_head.weight", "purchase_head.bias"}
+    assert float(result.state_dict["behaviour_emb.weight"][0].abs().max()) == 0.0
+    assert math.isfinite(result.epsilon) and result.epsilon <= CONFIG.epsilon_budget

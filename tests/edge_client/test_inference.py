@@ -305,3 +305,37 @@ def test_batcher_shares_runs_and_keeps_each_request_on_its_model(
     for (m, h, e), (_, ids) in zip(calls, results, strict=True):
         assert ids.tolist() == m.rank(h, e)[1].tolist()
     assert batcher.ranked == 10 and batcher.batches <= 4
+
+
+def test_a_multi_behaviour_model_reads_each_event_type_at_the_edge(site: Path) -> None:
+    # Arrange: a model that reads event types; the same items viewed by u1, carted by u2
+    from shared.events import EVENT_TYPE_CODES
+    from shared.models import build_model
+    from shared.sequences import behaviour_tokens
+
+    torch.manual_seed(0)
+    config = {"n_items": N_ITEMS, "max_len": MAX_LEN, "dim": 8, "hidden": 8, "dropout": 0.0}
+    model = build_model("gru", {**config, "n_behaviours": 5}).eval()
+    with torch.no_grad():
+        model.behaviour_emb.weight.mul_(5.0)  # type: ignore[union-attr,operator]  # types matter
+    save_model_dir(site / "models" / "mb", model, item_vocab(), version="mb")
+    set_current_version(site / "models", "mb")
+    server = ModelServer(site / "models")
+    server.check()
+    store = EventStore(site / "site.db")
+    for user, kind in (("u1", "view"), ("u2", "cart")):
+        store.add_events([Event(f"{user}-{n}", user, f"i{n}", kind, T0 + n) for n in (3, 8, 5)])
+    rec = Recommender(store, server)
+    # Act
+    viewed = rec.recommend("u1", k=5)
+    carted = rec.recommend("u2", k=5)
+    # Assert: each answer is torch's on that shopper's tokens, and they differ
+    assert server.current is not None and server.current.metadata.n_behaviours == 5
+    for answer, kind in ((viewed, "view"), (carted, "cart")):
+        codes = np.full(3, EVENT_TYPE_CODES[kind])
+        tokens = behaviour_tokens(np.array([3, 5, 8]), codes, N_ITEMS)  # time order
+        want = torch_top(model, tokens.tolist(), [], 5)
+        assert [i.item_id for i in answer.items] == [f"i{j}" for j in want]
+        assert all(i.reason for i in answer.items)
+    assert [i.item_id for i in viewed.items] != [i.item_id for i in carted.items]
+    store.close()

@@ -310,9 +310,8 @@ def test_import_failing_in_a_later_chunk_stores_nothing(tmp_path: Path) -> None:
     data.loc[25, "item_id"] = "boom"
     before = (all_rows(path), _recount(path))
     # Act
-    with EventStore(path) as store:
-        with pytest.raises(StoreError, match="nothing written: boom"):
-            store.import_events(data, chunk_size=10)
+    with EventStore(path) as store, pytest.raises(StoreError, match="nothing written: boom"):
+        store.import_events(data, chunk_size=10)
     # Assert
     assert (all_rows(path), _recount(path)) == before
 
