@@ -14,8 +14,9 @@ earlier events as history. The script reports:
 - **will-purchase AUC**: the multi-behaviour head's logit that the next-item target is a
   purchase.
 
-Popularity (training counts) and a recency heuristic (the most recently touched items first)
-stand beside the GRUs as baselines.
+Popularity (training counts), a recency heuristic (the most recently touched items first) and
+recency weighted by event type (each past event adds its type's weight, halved every h events
+back; weights and h chosen on the validation window's next purchases) stand beside the GRUs.
 
 Example: .venv/bin/python benchmarks/multi_behaviour.py --epochs 8 --threads 2
 """
@@ -36,11 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from shared.events import EVENT_TYPE_CODES
 from shared.metrics import evaluate_ranking
 from shared.models import build_model
 from shared.models.gru4rec import GRU4RecConfig
 from shared.readers import read_dataset
 from shared.sequences import (
+    N_BEHAVIOURS,
     PURCHASE_CODE,
     DataSplit,
     EvalSet,
@@ -62,11 +65,15 @@ from shared.vocab import ItemVocab
 DATA = Path("../shared/data/taobao_userbehavior")
 
 
-def next_purchase_set(seqs: UserSequences, t_test_ms: int) -> EvalSet:
-    """Each shopper's first purchase at or after ``t_test_ms``, with all earlier events."""
+def next_purchase_set(
+    seqs: UserSequences, t_from_ms: int, t_until_ms: int | None = None
+) -> EvalSet:
+    """Each shopper's first purchase in ``[t_from_ms, t_until_ms)``, with all earlier events."""
     owner = np.repeat(np.arange(len(seqs)), seqs.lengths)
     position = np.arange(seqs.n_events) - seqs.offsets[owner]
-    hit = (seqs.ts_ms >= t_test_ms) & (seqs.event_types == PURCHASE_CODE) & (position >= 1)
+    until = np.iinfo(np.int64).max if t_until_ms is None else t_until_ms
+    in_window = (seqs.ts_ms >= t_from_ms) & (seqs.ts_ms < until)
+    hit = in_window & (seqs.event_types == PURCHASE_CODE) & (position >= 1)
     users, first = np.unique(owner[hit], return_index=True)
     cut = position[np.flatnonzero(hit)[first]]
     chosen = seqs.select(users)
@@ -115,6 +122,53 @@ def recency_scores(n_items: int):  # type: ignore[no-untyped-def]
     return score
 
 
+def weighted_recency_scores(  # type: ignore[no-untyped-def]
+    n_items: int, weights: np.ndarray, half_life: float
+):
+    """Recency that reads event types: scores from behaviour tokens.
+
+    Each past event of an item adds its type's weight, halved every ``half_life`` events back.
+    """
+    w = torch.from_numpy(np.asarray(weights, dtype=np.float32))  # (N_BEHAVIOURS + 1,)
+
+    def score(tokens: torch.Tensor) -> torch.Tensor:  # (B, T) tokens, left-padded
+        b, t = tokens.shape
+        items, codes = tokens % (n_items + 1), tokens // (n_items + 1)
+        age = torch.arange(t - 1, -1, -1, dtype=torch.float32).expand(b, t)
+        contribution = w[codes] * torch.pow(0.5, age / half_life) * (items > 0)
+        out = torch.zeros((b, n_items + 1))
+        out.scatter_add_(1, items, contribution)
+        out[:, 0] = 0.0
+        return out
+
+    return score
+
+
+def fit_weighted_recency(n_items: int, valid: EvalSet, max_len: int) -> tuple[np.ndarray, float]:
+    """Type weights and half-life with the best validation next-purchase NDCG@10 (grid)."""
+    tokens = valid.histories.token_lists(n_items)
+    best: tuple[float, np.ndarray, float] = (-1.0, np.ones(N_BEHAVIOURS + 1), 1.0)
+    for cart in (1.0, 2.0, 4.0, 8.0):
+        for fav in (1.0, 2.0, 4.0):
+            for bought in (0.25, 1.0):
+                for half_life in (1.0, 3.0, 10.0, 30.0):
+                    weights = np.ones(N_BEHAVIOURS + 1)
+                    weights[0] = 0.0
+                    weights[EVENT_TYPE_CODES["cart"]] = cart
+                    weights[EVENT_TYPE_CODES["fav"]] = fav
+                    weights[PURCHASE_CODE] = bought
+                    m = evaluate_ranking(
+                        weighted_recency_scores(n_items, weights, half_life),
+                        valid,
+                        max_len,
+                        inputs=tokens,
+                        mask_history=False,
+                    )
+                    if m["ndcg@10"] > best[0]:
+                        best = (m["ndcg@10"], weights, half_life)
+    return best[1], best[2]
+
+
 def popularity_scores(counts: np.ndarray):  # type: ignore[no-untyped-def]
     """A score function giving every shopper the training counts."""
     row = torch.from_numpy(counts.astype(np.float32))
@@ -126,16 +180,24 @@ def popularity_scores(counts: np.ndarray):  # type: ignore[no-untyped-def]
 
 
 def evaluate_all(
-    score_model: Any, sets: dict[str, tuple[EvalSet, bool]], max_len: int
+    score_model: Any,
+    sets: dict[str, tuple[EvalSet, bool]],
+    max_len: int,
+    tokens_of: int = 0,
 ) -> dict[str, float]:
-    """NDCG@10 and HR@10 of a model (nn.Module) or score function on each named set."""
+    """NDCG@10 and HR@10 of a model (nn.Module) or score function on each named set.
+
+    A score function reads item ids, or with ``tokens_of`` (n_items) behaviour tokens.
+    """
     out: dict[str, float] = {}
     for name, (data, mask) in sets.items():
         if isinstance(score_model, torch.nn.Module):
             m = evaluate_model(score_model, data, mask_history=mask)
         else:
-            m = evaluate_ranking(score_model, data, max_len, mask_history=mask)
+            inputs = data.histories.token_lists(tokens_of) if tokens_of else None
+            m = evaluate_ranking(score_model, data, max_len, mask_history=mask, inputs=inputs)
         out[f"{name} ndcg@10"] = m["ndcg@10"]
+        out[f"{name} n"] = m["n_users"]
         out[f"{name} hr@10"] = m["hr@10"]
     return out
 
@@ -156,6 +218,7 @@ def main() -> None:
     ap.add_argument("--purchase-weight", type=float, default=1.0)
     ap.add_argument("--dim", type=int, default=None, help="embedding and GRU size (tuned: 256)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--no-gru", action="store_true", help="baselines only (no training)")
     args = ap.parse_args()
 
     events = pd.concat([read_dataset(p, "taobao").events for p in args.data], ignore_index=True)
@@ -169,7 +232,7 @@ def main() -> None:
         "next item, repeat-aware": (split.test, False),
         "next purchase, repeat-aware": (purchase_set, False),
     }
-    header = {
+    header: dict[str, Any] = {
         "events": len(events),
         "shoppers": len(seqs),
         "items": vocab.n_items,
@@ -190,6 +253,14 @@ def main() -> None:
             recency_scores(vocab.n_items), sets, max_len
         ),
     }
+    weights, half_life = fit_weighted_recency(
+        vocab.n_items, next_purchase_set(seqs, t_valid, t_test), max_len
+    )
+    rows["recency weighted by event type (fit on validation)"] = evaluate_all(
+        weighted_recency_scores(vocab.n_items, weights, half_life), sets, max_len, vocab.n_items
+    )
+    header["weighted recency"] = {"weights": weights.tolist(), "half_life": half_life}
+    print(json.dumps({"weighted recency": header["weighted recency"]}), flush=True)
     is_purchase = target_is_purchase(seqs, split.test)
     train_config = replace(
         default_train_config("gru"),
@@ -200,7 +271,8 @@ def main() -> None:
         mask_history=False,
         purchase_weight=args.purchase_weight,
     )
-    for name, behaviours in (("GRU, item ids", 0), ("GRU, multi-behaviour", 5)):
+    grus = () if args.no_gru else (("GRU, item ids", 0), ("GRU, multi-behaviour", N_BEHAVIOURS))
+    for name, behaviours in grus:
         config = default_model_config(
             "gru", vocab.n_items, n_behaviours=behaviours, dim=args.dim, hidden=args.dim
         )

@@ -271,3 +271,42 @@ def test_onnx_serving_graph_reads_tokens(tmp_path: Path) -> None:
     # Assert
     assert np.abs(scores[:, :10] - ref_scores.numpy()[:, :10]).max() < 1e-4
     np.testing.assert_array_equal(ids[:, :10], ref_ids.numpy()[:, :10])
+
+
+def _benchmark() -> Any:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "multi_behaviour.py"
+    spec = importlib.util.spec_from_file_location("multi_behaviour_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and typing look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_next_purchase_targets_and_type_weighted_recency() -> None:
+    # Arrange: u0 buys at t=3 (before the window) and t=5; u1 never buys; u2 buys first event
+    bench = _benchmark()
+    seqs = _seqs(
+        [
+            [(1, "view"), (2, "cart"), (3, "view"), (2, "purchase"), (4, "view"), (3, "purchase")],
+            [(5, "view"), (6, "cart")],
+            [(7, "purchase"), (8, "view")],
+        ]
+    )
+    # Act
+    purchases = bench.next_purchase_set(seqs, t_from_ms=4)
+    weights = np.zeros(N_BEHAVIOURS + 1)
+    weights[EVENT_TYPE_CODES["view"]] = 1.0
+    weights[EVENT_TYPE_CODES["cart"]] = 4.0
+    score = bench.weighted_recency_scores(N_ITEMS, weights, half_life=100.0)
+    tokens = torch.from_numpy(pad_left(seqs.token_lists(N_ITEMS)[1:2], 4))
+    scores = score(tokens)[0]
+    # Assert: only u0's purchase at index 5 counts; its history is the five events before it
+    assert purchases.histories.user_ids == ("u0",)
+    assert purchases.targets.tolist() == [3]
+    assert purchases.histories.items.tolist() == [1, 2, 3, 2, 4]
+    assert scores[6] > scores[5] > 0 and scores[1] == 0  # the carted item first
+    assert bench.auc(np.array([0.9, 0.1, 0.5]), np.array([True, False, False])) == 1.0
