@@ -35,6 +35,7 @@ from shared.metrics import ScoreFn, evaluate_ranking
 from shared.sequences import (
     PURCHASE_CODE,
     DataSplit,
+    EvalSet,
     UserSequences,
     build_sequences,
     leave_one_out,
@@ -609,6 +610,16 @@ def _train(
         return lr_factor(step, total_steps, warmup, config.min_lr_ratio)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def evaluate(data: EvalSet) -> dict[str, float]:
+        return evaluate_model(
+            model,
+            data,
+            device=device,
+            batch_size=config.eval_batch_size,
+            mask_history=config.mask_history,
+        )
+
     history: list[EpochRecord] = []
     best_score, best_epoch = -1.0, 0
     best_state = copy.deepcopy(model.state_dict())
@@ -634,13 +645,7 @@ def _train(
                 distill,
                 purchases,
             )
-            valid = evaluate_model(
-                model,
-                split.valid,
-                device=device,
-                batch_size=config.eval_batch_size,
-                mask_history=config.mask_history,
-            )
+            valid = evaluate(split.valid)
             record = EpochRecord(
                 epoch=epoch,
                 loss=loss,
@@ -666,13 +671,7 @@ def _train(
         bars.close()
     model.load_state_dict(best_state)
     train_seconds = time.perf_counter() - start
-    test = evaluate_model(
-        model,
-        split.test,
-        device=device,
-        batch_size=config.eval_batch_size,
-        mask_history=config.mask_history,
-    )
+    test = evaluate(split.test)
     model.to("cpu")
     return TrainResult(
         history=history,
