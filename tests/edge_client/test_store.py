@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
@@ -266,6 +266,7 @@ def _recount(path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, .
     client_ids=st.booleans(),
     chunk_size=st.integers(1, 7),
 )
+@example(values=[0.1, -0.0, 5e-324, None, 1.7976931348623157e308], client_ids=False, chunk_size=2)
 def test_bulk_import_stores_values_exactly_and_counts_match_the_rows(
     tmp_path_factory: pytest.TempPathFactory,
     values: list[float | None],
@@ -291,7 +292,10 @@ def test_bulk_import_stores_values_exactly_and_counts_match_the_rows(
         if want is None:
             assert np.isnan(got)
         else:
-            assert got == want and np.signbit(got) == np.signbit(want)
+            assert got == want
+            # SQLite keeps no negative zero in a REAL column (with any insert path): -0.0
+            # comes back as 0.0; every other value keeps its exact bits, sign included.
+            assert np.signbit(got) == (np.signbit(want) and want != 0)
     kept, recounted = _recount(path)
     assert kept == recounted
 
