@@ -151,15 +151,14 @@ class LoadedModel:
         `shared.sequences.behaviour_tokens` (an unknown event type gets code 0).
         """
         get = self.index.get
-        kept = [(get(item, PAD_INDEX), kind) for item, kind in events]
-        kept = [(i, kind) for i, kind in kept if i != PAD_INDEX]
-        items = np.fromiter((i for i, _ in kept), dtype=np.int64, count=len(kept))
+        n = len(events)
+        indices = np.fromiter((get(item, PAD_INDEX) for item, _ in events), np.int64, count=n)
+        known = indices != PAD_INDEX
+        items = indices[known]
         if not self.metadata.n_behaviours:
             return items, items
-        codes = np.fromiter(
-            (EVENT_TYPE_CODES.get(kind, 0) for _, kind in kept), dtype=np.int64, count=len(kept)
-        )
-        return items, behaviour_tokens(items, codes, self.metadata.n_items)
+        codes = np.fromiter((EVENT_TYPE_CODES.get(kind, 0) for _, kind in events), np.int64, n)
+        return items, behaviour_tokens(items, codes[known], self.metadata.n_items)
 
     def known(self, raw_ids: Collection[str]) -> np.ndarray:
         """Vocabulary indices of the ids the model knows, in order (unknown ids dropped)."""

@@ -209,9 +209,14 @@ def train_local(
         check_dp_compatible(model)
         mechanism = plan_round(n, config)
         after = check_budget(mechanism, config, ledger)  # before any behaviour is read
-    # A multi-behaviour model reads event types in its inputs; it learns the next item here,
-    # and its will-purchase head stays as received (trained centrally, `shared.training`).
-    behaviour_items = int(model.config.n_items) if n_behaviours(model) else 0  # type: ignore[union-attr,arg-type]
+    behaviour_items = 0
+    if n_behaviours(model):
+        # A multi-behaviour model reads event types in its inputs and learns the next item
+        # here. Its will-purchase head is not in this loss (nor in DP-SGD's): it is frozen
+        # and returned as received (trained centrally, `shared.training`).
+        behaviour_items = int(model.config.n_items)  # type: ignore[union-attr,arg-type]
+        model = copy.deepcopy(model)
+        model.purchase_head.requires_grad_(False)
     inputs, targets = next_item_examples(train, max_len, behaviour_items)
     if len(inputs) != n:
         raise DataError(f"expected {n} training examples, built {len(inputs)}")
@@ -271,10 +276,6 @@ def _train_dp(
     secret_seed: int | None,
 ) -> tuple[dict[str, torch.Tensor], float, int]:
     seed = secure_seed() if secret_seed is None else secret_seed
-    if hasattr(model, "purchase_head"):
-        # The DP loss is next-item only: an untouched head is frozen, not noised.
-        model = copy.deepcopy(model)
-        model.purchase_head.requires_grad_(False)
     engine = DPSGDEngine(
         model,
         lr=config.lr,
@@ -306,8 +307,6 @@ def _train_plain(
 ) -> tuple[dict[str, torch.Tensor], float, int]:
     net = copy.deepcopy(model).to(device)
     net.train()
-    if hasattr(net, "purchase_head"):
-        net.purchase_head.requires_grad_(False)  # as in DP rounds
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
     rng = np.random.default_rng(config.seed)
     total, count, steps = 0.0, 0, 0

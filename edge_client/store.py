@@ -278,13 +278,8 @@ def _new_counts_json(items: np.ndarray, ts_ms: np.ndarray) -> tuple[str, str]:
     Both come sorted the way SQLite's BINARY collation orders ASCII ids, so the upserts walk
     the primary keys in order.
     """
-    codes, uniques = pd.factorize(items)  # hashing; then only the distinct ids are sorted
+    codes, uniques = pd.factorize(items, sort=True)
     uniques = np.asarray(uniques, dtype=object)
-    by_id = np.argsort(uniques, kind="stable")
-    rank = np.empty(len(uniques), dtype=np.int64)
-    rank[by_id] = np.arange(len(uniques))
-    codes = rank[codes]
-    uniques = uniques[by_id]
     per_item = np.bincount(codes, minlength=len(uniques))
     totals = pd.DataFrame({"item_id": uniques, "n": per_item}).to_json(orient="values")
     keys, per_key = np.unique((ts_ms // DAY_MS) * len(uniques) + codes, return_counts=True)
@@ -553,10 +548,8 @@ class EventStore:
             given = _text_column(frame, "event_id")
             # Shopper-then-time order (= `shared.events.sort_events`) keeps the history index
             # growing almost sequentially.
-            codes, users = pd.factorize(_text_column(frame, "user_id"))
-            rank = np.empty(len(users), dtype=np.int64)
-            rank[np.argsort(np.asarray(users, dtype=object), kind="stable")] = np.arange(len(users))
-            order = np.lexsort((frame["ts_ms"].to_numpy(dtype=np.int64), rank[codes]))
+            codes, _ = pd.factorize(_text_column(frame, "user_id"), sort=True)
+            order = np.lexsort((frame["ts_ms"].to_numpy(dtype=np.int64), codes))
 
             def given_ids(rows: np.ndarray) -> list[str]:
                 return list(given[rows])

@@ -208,24 +208,18 @@ def _windows(
     if max_len < 1:
         raise ConfigError("max_len must be >= 1")
     keep = [i for i, s in enumerate(aligned[0]) if len(s) >= 2]
-    columns: list[list[np.ndarray]] = [[] for _ in aligned]
-    for i in keep:
-        for c, arrays in enumerate(aligned):
-            s = arrays[i]
-            columns[c].append(s[:-1] if c == 0 else s[1:])
+    # (shopper, input slice, target slice) of each window: every latest window first
+    spans = [(i, slice(0, len(aligned[0][i]) - 1), slice(1, None)) for i in keep]
     if all_windows:
         for i in keep:
-            n = len(aligned[0][i])
-            end = n - max_len  # the latest window predicts s[end:]
+            end = len(aligned[0][i]) - max_len  # the latest window predicts s[end:]
             while end >= 2:
-                for c, arrays in enumerate(aligned):
-                    s = arrays[i]
-                    if c == 0:
-                        columns[c].append(s[max(0, end - 1 - max_len) : end - 1])
-                    else:
-                        columns[c].append(s[max(1, end - max_len) : end])
+                given = slice(max(0, end - 1 - max_len), end - 1)
+                spans.append((i, given, slice(max(1, end - max_len), end)))
                 end -= max_len
-    return tuple(pad_left(col, max_len) for col in columns)
+    inputs = pad_left([aligned[0][i][cut] for i, cut, _ in spans], max_len)
+    sides = [pad_left([a[i][cut] for i, _, cut in spans], max_len) for a in aligned[1:]]
+    return (inputs, *sides)
 
 
 def length_batches(
@@ -551,29 +545,29 @@ def _train(
     max_len = int(model.config.max_len)  # type: ignore[union-attr,arg-type]
     start = time.perf_counter()
 
+    def evaluate(data: EvalSet) -> dict[str, float]:
+        # A popularity model is counted on the CPU and evaluated there (device None).
+        return evaluate_model(
+            model,
+            data,
+            device=None if isinstance(model, Popularity) else device,
+            batch_size=config.eval_batch_size,
+            mask_history=config.mask_history,
+        )
+
     if isinstance(model, Popularity) and teacher is not None:
         raise ConfigError("a popularity model is counted, not trained: it cannot be distilled")
     if isinstance(model, Popularity):
         # Validated on training counts; the final model (and its test metrics) also counts
         # the validation events, which precede every test event and are in its history.
         model.fit_counts(split.train.items)
-        valid = evaluate_model(
-            model,
-            split.valid,
-            batch_size=config.eval_batch_size,
-            mask_history=config.mask_history,
-        )
+        valid = evaluate(split.valid)
         model.fit_counts(np.concatenate([split.train.items, split.valid.targets]))
         return TrainResult(
             history=[],
             best_epoch=0,
             best_valid=valid,
-            test=evaluate_model(
-                model,
-                split.test,
-                batch_size=config.eval_batch_size,
-                mask_history=config.mask_history,
-            ),
+            test=evaluate(split.test),
             train_seconds=time.perf_counter() - start,
             n_examples=len(split.train),
             n_targets=int(split.train.n_events),
@@ -610,15 +604,6 @@ def _train(
         return lr_factor(step, total_steps, warmup, config.min_lr_ratio)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-    def evaluate(data: EvalSet) -> dict[str, float]:
-        return evaluate_model(
-            model,
-            data,
-            device=device,
-            batch_size=config.eval_batch_size,
-            mask_history=config.mask_history,
-        )
 
     history: list[EpochRecord] = []
     best_score, best_epoch = -1.0, 0
