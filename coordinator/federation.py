@@ -32,7 +32,13 @@ from flwr.serverapp import Grid
 from coordinator.errors import RegistryError, RunConfigError
 from coordinator.registry import ModelVersion, Registry, RoundSummary, SiteResult
 from coordinator.run_config import RunConfig
-from coordinator.strategy import GuardedStrategy, payload_bytes, wait_for_nodes
+from coordinator.strategy import (
+    GuardedStrategy,
+    asked_nodes,
+    payload_bytes,
+    reply_node,
+    wait_for_nodes,
+)
 from shared import federated
 from shared.artifacts import (
     VOCAB_FILE,
@@ -483,8 +489,14 @@ class Federation:
         messages: list[Message],
         replies: list[Message],
     ) -> None:
-        answered = {r.metadata.src_node_id for r in replies}
+        asked = asked_nodes(messages)
+        answered = {reply_node(r, asked) for r in replies}
         for outcome in strategy.train_report.outcomes:
+            if outcome.site == f"node-{outcome.node_id}":
+                # An error reply names no site; the registry knows the node's last name.
+                outcome = dataclasses.replace(
+                    outcome, site=self.registry.site_name_for_node(outcome.node_id)
+                )
             self.registry.record_site_result(round_id, outcome)
         for msg in messages:
             node = msg.metadata.dst_node_id

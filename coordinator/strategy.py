@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -120,13 +120,30 @@ def build_app_dp(
     )
 
 
-def site_name(msg: Message) -> str:
+def asked_nodes(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> the node it was sent to (ids exist once Flower has pushed them)."""
+    return {
+        m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id
+    }
+
+
+def reply_node(msg: Message, asked: Mapping[str, int]) -> int:
+    """The node a reply answers for.
+
+    An error reply the SuperLink makes for a node that is gone carries the SuperLink's own
+    id (1) as its source; only ``reply_to_message_id`` says which site it stands for.
+    """
+    asked_id = msg.metadata.reply_to_message_id
+    return asked.get(asked_id, msg.metadata.src_node_id) if asked_id else msg.metadata.src_node_id
+
+
+def site_name(msg: Message, node: int | None = None) -> str:
     """The name a site reports in its reply, or ``node-<id>``."""
     if not msg.has_error() and federated.SITE in msg.content.config_records:
         name = msg.content.config_records[federated.SITE].get("name")
         if isinstance(name, str) and name:
             return name
-    return f"node-{msg.metadata.src_node_id}"
+    return f"node-{msg.metadata.src_node_id if node is None else node}"
 
 
 def _site_str(msg: Message, key: str) -> str:
@@ -185,6 +202,9 @@ class GuardedStrategy(Strategy):
         self.train_report = PhaseReport()
         self.eval_report = PhaseReport()
         self.serve_arrays: ArrayRecord | None = None
+        # The messages of the phase in flight: Flower sets their ids when it pushes them,
+        # and replies made by the SuperLink (a node that died) name only those ids.
+        self.asked: list[Message] = []
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -198,7 +218,8 @@ class GuardedStrategy(Strategy):
         """Remember the global weights (updates are checked against them), then delegate."""
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         self.train_report = PhaseReport()
-        return list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.asked = list(self.inner.configure_train(server_round, arrays, config, grid))
+        return self.asked
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -206,9 +227,10 @@ class GuardedStrategy(Strategy):
         """Keep only valid updates; aggregate them if there are at least ``quorum``."""
         report = self.train_report
         accepted: list[Message] = []
+        asked = asked_nodes(self.asked)
         for msg in replies:
-            node = msg.metadata.src_node_id
-            name = site_name(msg)
+            node = reply_node(msg, asked)
+            name = site_name(msg, node)
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 log.warning(
@@ -301,6 +323,7 @@ class GuardedStrategy(Strategy):
         if self.serve_arrays is not None:
             for msg in messages:
                 msg.content.array_records[federated.SERVE_ARRAYS] = self.serve_arrays
+        self.asked = messages
         return messages
 
     def aggregate_evaluate(
@@ -309,9 +332,10 @@ class GuardedStrategy(Strategy):
         """Aggregate the evaluation metrics of sites that evaluated at least one shopper."""
         report = self.eval_report
         usable: list[Message] = []
+        asked = asked_nodes(self.asked)
         for msg in replies:
-            node = msg.metadata.src_node_id
-            name = site_name(msg)
+            node = reply_node(msg, asked)
+            name = site_name(msg, node)
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
                 log.warning(

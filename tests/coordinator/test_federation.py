@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -246,6 +247,48 @@ def test_a_site_lost_after_training_does_not_block_evaluation(
     assert round_["status"] == "completed" and round_["sites_accepted"] == 3
     evaluated = [s for s in registry.site_results(round_["number"]) if s["phase"] == "evaluate"]
     assert len(evaluated) == 2 and round_["eval_metrics"]
+
+
+class DeadNodeGrid(InProcessGrid):
+    """Like a SuperLink whose node ``dead`` is gone: the SuperLink itself answers for it."""
+
+    def __init__(self, sites: dict[int, Path], dead: int) -> None:
+        super().__init__(sites)
+        self.dead = dead
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's push does
+        alive = [m for m in messages if m.metadata.dst_node_id != self.dead]
+        replies = list(super().send_and_receive(alive, timeout=timeout))
+        return replies + [
+            create_message_error_unavailable_res_message(m.metadata, "node_unavail")
+            for m in messages
+            if m.metadata.dst_node_id == self.dead
+        ]
+
+
+def test_a_dead_node_is_recorded_once_under_its_own_name(
+    world: tuple[Path, dict[int, Path], Path],
+) -> None:
+    # Arrange: round 1 with every site, so the registry learns their names; then 103 dies
+    catalogue, sites, state = world
+    cfg = config(catalogue, state, **{"num-rounds": 1, "privacy-mode": "none"})
+    run_federation(cfg, InProcessGrid(dict(sites)))
+    registry = Registry(state / "coordinator" / "coordinator.db")
+    name_103 = registry.site_name_for_node(103)
+    # Act
+    run_federation(cfg, DeadNodeGrid(dict(sites), dead=103))
+    # Assert: one train row per site; the dead one is "failed" under its name, not "node-1"
+    last = max(registry.rounds(), key=lambda r: r["number"])
+    train = [s for s in registry.site_results(last["number"]) if s["phase"] == "train"]
+    assert sorted(int(s["node_id"]) for s in train) == [101, 102, 103]
+    (dead,) = [s for s in train if int(s["node_id"]) == 103]
+    assert dead["site"] == name_103 != "node-103" and dead["outcome"] == "failed"
+    assert last["status"] == "completed"
 
 
 def test_a_cosine_schedule_counts_the_rounds_of_each_run(

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -135,6 +136,26 @@ def test_missing_the_quorum_aggregates_nothing() -> None:
     report = guard.train_report
     assert report.quorum_missed
     assert (report.count("accepted"), report.count("refused"), report.count("failed")) == (1, 1, 1)
+
+
+def test_an_error_reply_made_by_the_superlink_is_booked_to_the_node_that_was_asked() -> None:
+    # Arrange: ids set as Flower's grid sets them on push; the SuperLink answers for the node
+    # of m3, which is gone, with its own id (1) as the source.
+    guard = guard_for()
+    m1, m2, m3 = configure(guard)
+    for msg in (m1, m2, m3):
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+    gone = create_message_error_unavailable_res_message(m3.metadata, "node_unavail")
+    assert gone.metadata.src_node_id == 1
+    # Act
+    arrays, _ = guard.aggregate_train(
+        1, [reply(m1, 1.0, 1, name="a"), reply(m2, 2.0, 1, name="b"), gone]
+    )
+    # Assert
+    assert arrays is not None
+    failed = [o for o in guard.train_report.outcomes if o.outcome == "failed"]
+    node = m3.metadata.dst_node_id
+    assert [(o.site, o.node_id) for o in failed] == [(f"node-{node}", node)]
 
 
 def test_an_update_beyond_the_norm_bound_is_rejected() -> None:
