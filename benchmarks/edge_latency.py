@@ -193,7 +193,9 @@ def over_http(site: Site, duration: float, warmup: float, variants: bool) -> dic
     """Closed loop with 1 and 32 clients, open loop at 800 req/s from 32 clients.
 
     With ``variants``, also 32 clients in closed loop against servers without request
-    batching and with batching but ORT on the event loop's thread (the design's ablation).
+    batching and with batching but ORT on the event loop's thread, and both 32-client runs
+    against a server without the fast path (every request through FastAPI's routing), then
+    the open loop once more with it, so drift of the shared machine shows (the ablation).
     """
     paths = site.root / "paths.txt"
     paths.write_text("\n".join(f"/v1/users/{u}/recommendations?k=10" for u in site.users))
@@ -217,6 +219,24 @@ def over_http(site: Site, duration: float, warmup: float, variants: bool) -> dic
                 out[key] = run_loadgen(
                     port, concurrency=32, paths=paths, duration=duration, warmup=warmup
                 )
+        with edge_server(site.root, extra_env={"FEDREC_EDGE_FAST_PATH": "false"}) as port:
+            common = {"paths": paths, "duration": duration, "warmup": warmup}
+            out["c32_routed"] = run_loadgen(port, concurrency=32, **common)  # type: ignore[arg-type]
+            out["open800_routed"] = run_loadgen(
+                port,
+                concurrency=32,
+                rate=OPEN_LOOP_RATE,
+                **common,  # type: ignore[arg-type]
+            )
+        with edge_server(site.root) as port:
+            out["open800_again"] = run_loadgen(
+                port,
+                concurrency=32,
+                rate=OPEN_LOOP_RATE,
+                paths=paths,
+                duration=duration,
+                warmup=warmup,
+            )
     return out
 
 
@@ -254,6 +274,9 @@ def print_tables(results: dict[int, dict[str, Any]]) -> None:
         ("open800", "open, 800/s, 32 clients"),
         ("c32_unbatched", "closed, 32, no batching"),
         ("c32_batched_inline", "closed, 32, batch, no thread"),
+        ("c32_routed", "closed, 32, no fast path"),
+        ("open800_routed", "open, 800/s, no fast path"),
+        ("open800_again", "open, 800/s, again"),
     ]
     print(
         f"{'items':>7} | {'run':<28} | {'req/s':>7} | {'p50 ms':>7} {'p90 ms':>7} "
@@ -276,6 +299,14 @@ def print_tables(results: dict[int, dict[str, Any]]) -> None:
                 f"{n:>7} | 32-client throughput vs no batching: batched "
                 f"{r['http']['c32_batched_inline']['rps'] / base:.2f}x, batched + ORT thread "
                 f"{r['http']['c32']['rps'] / base:.2f}x"
+            )
+            routed = r["http"]["c32_routed"]
+            print(
+                f"{n:>7} | fast path vs FastAPI routing: 32-client throughput "
+                f"{r['http']['c32']['rps'] / routed['rps']:.2f}x, open-loop p99 "
+                f"{r['http']['open800_routed']['p99_ms']:.1f} ms -> "
+                f"{r['http']['open800']['p99_ms']:.1f} / "
+                f"{r['http']['open800_again']['p99_ms']:.1f} ms"
             )
 
 

@@ -41,6 +41,11 @@ class EdgeSettings(BaseSettings):
     inference_thread: bool = Field(
         True, description="run ORT on its own thread so the event loop keeps serving meanwhile"
     )
+    fast_path: bool = Field(
+        True,
+        description="answer well-formed recommendation requests below FastAPI's routing "
+        "(same answers; anything else still goes through the documented route)",
+    )
     poll_interval_s: float = Field(1.0, gt=0, le=3600, description="how often CURRENT is checked")
     max_batch_events: int = Field(10_000, ge=1, le=100_000)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="limit of a request body")

@@ -358,6 +358,20 @@ def write_transaction(conn: sqlite3.Connection, what: str) -> Iterator[sqlite3.C
         raise StoreError(f"{what}: commit failed, nothing written: {err}") from err
 
 
+# STRICT tables need 3.37; the JSON operators (->>) of bulk writes and impressions, 3.38.
+SQLITE_MIN = (3, 38, 0)
+
+
+def check_sqlite_version(found: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    """Refuse a store on an SQLite too old for its SQL, instead of failing on first use."""
+    if found < SQLITE_MIN:
+        raise StoreError(
+            f"SQLite {'.'.join(map(str, found))} is too old: the event store needs "
+            f">= {'.'.join(map(str, SQLITE_MIN))} (Python's sqlite3 module links the system "
+            "library; use a Python built against a newer one)"
+        )
+
+
 class EventStore:
     """The events of one site in ``site.db``; safe to share between threads.
 
@@ -382,6 +396,7 @@ class EventStore:
         create: bool = True,
     ) -> None:
         self.path = Path(path)
+        check_sqlite_version()
         if synchronous not in ("FULL", "NORMAL"):
             raise StoreError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         if not create and not self.path.is_file():

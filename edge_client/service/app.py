@@ -30,6 +30,7 @@ from edge_client.service import admin, events, health, model, recommendations
 from edge_client.service.deps import EdgeRuntime
 from edge_client.service.events import RowsRefusedError
 from edge_client.service.outcome_metrics import CachedIndicators, register_indicator_metrics
+from edge_client.service.recommendations import ROUTE, RecommendationsFastPath
 from edge_client.service.telemetry import BodyLimitMiddleware, ServiceMetrics, TimingMiddleware
 from edge_client.settings import EdgeSettings
 from edge_client.store import EventStore
@@ -276,5 +277,10 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         limit=settings.max_body_bytes,
         larger={"/v1/admin/import": settings.max_import_bytes},
     )
+    if settings.fast_path:
+        # Inside the timing middleware (which labels it by the route it sets), outside
+        # everything else: a GET needs no body limit.
+        route = next(r for r in recommendations.router.routes if getattr(r, "path", "") == ROUTE)
+        app.add_middleware(RecommendationsFastPath, route=route)
     app.add_middleware(TimingMiddleware, metrics=metrics)
     return app

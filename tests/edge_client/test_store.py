@@ -16,7 +16,13 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from edge_client.errors import EventValidationError, StoreError
-from edge_client.store import Event, EventStore, deterministic_event_ids, now_ms
+from edge_client.store import (
+    Event,
+    EventStore,
+    check_sqlite_version,
+    deterministic_event_ids,
+    now_ms,
+)
 from shared.events import EVENT_COLUMNS, empty_events
 
 T0 = 1_700_000_000_000
@@ -421,3 +427,10 @@ def test_write_lock_held_elsewhere_is_a_clear_error_and_stores_nothing(tmp_path:
     assert store.count_events() == 0
     assert store.add_events([ev("e1")]).accepted == 1
     store.close()
+
+
+def test_an_sqlite_too_old_for_the_store_is_refused_with_the_versions() -> None:
+    # Act / Assert: 3.37 lacks the ->> operator the bulk writes use
+    with pytest.raises(StoreError, match=r"SQLite 3\.37\.2 is too old.*>= 3\.38\.0"):
+        check_sqlite_version((3, 37, 2))
+    check_sqlite_version((3, 38, 0))  # the minimum itself is accepted
