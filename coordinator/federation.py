@@ -338,6 +338,8 @@ class Federation:
             local_epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,
             learning_rate=cfg.round_learning_rate(number - self.first_round + 1),
+            local_optimizer=cfg.local_optimizer,
+            local_steps=cfg.local_steps,
             noise_multiplier=cfg.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
             seed=cfg.seed + number,

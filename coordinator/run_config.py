@@ -73,6 +73,12 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 0.001
+    # Without store DP: "adam" (a fresh Adam each round) or "sgd" (plain gradient steps).
+    local_optimizer: Literal["adam", "sgd"] = "adam"
+    # > 0: exactly this many local steps, each on shoppers drawn uniformly at random, instead
+    # of local-epochs passes. local-steps = 1 with local-optimizer = "sgd", learning-rate = 1
+    # and strategy = "fedadam" is FedSGD with a server Adam (docs/federated.md).
+    local_steps: int = 0
     # "cosine": round r of R trains with lr x (m + (1 - m) (1 + cos(pi (r - 1) / (R - 1))) / 2),
     # m = lr-min-ratio; the last rounds take small steps, as centralized training's decay
     # does. "constant" (and mode "continuous", which has no last round): lr every round.
@@ -197,6 +203,20 @@ class RunConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise RunConfigError(f"{_key(name)} must be in (0, 1), got {value}")
+        if self.local_optimizer not in ("adam", "sgd"):
+            raise RunConfigError(
+                f"local-optimizer must be adam or sgd, got {self.local_optimizer!r}"
+            )
+        if self.local_steps < 0:
+            raise RunConfigError(f"local-steps must be >= 0, got {self.local_steps}")
+        if self.privacy_mode in ("store", "distributed") and (
+            self.local_steps or self.local_optimizer != "adam"
+        ):
+            # Their steps are DP-SGD's, planned by the accountant (docs/privacy.md).
+            raise RunConfigError(
+                f"local-steps and local-optimizer do not apply to privacy-mode "
+                f"{self.privacy_mode!r} (its steps are DP-SGD's)"
+            )
         if self.lr_schedule not in ("constant", "cosine"):
             raise RunConfigError(
                 f"lr-schedule must be constant or cosine, got {self.lr_schedule!r}"

@@ -343,6 +343,8 @@ def local_config(site: Site, instr: RoundInstructions) -> Any:
         epochs=float(instr.local_epochs),
         batch_size=instr.batch_size,
         lr=instr.learning_rate,
+        optimizer=instr.local_optimizer,  # type: ignore[arg-type]  # checked by LocalTrainConfig
+        max_steps=instr.local_steps,
         max_grad_norm=instr.max_grad_norm,
         noise_multiplier=instr.noise_multiplier,
         # The budget and delta are the site's own (node config): whoever sets the budget

@@ -58,7 +58,12 @@ class LocalTrainConfig:
 
     epochs: float = 1.0  # expected passes over the site's shoppers per round
     batch_size: int = 256  # expected batch under Poisson sampling (q = batch_size / shoppers)
-    lr: float = 2e-3  # Adam
+    lr: float = 2e-3  # Adam (or SGD, see ``optimizer``)
+    # Without DP: a fresh Adam, or plain SGD (lr 1 and one step = the site's mean gradient)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    # Without DP, > 0: exactly this many steps, each on ``batch_size`` shoppers drawn
+    # uniformly (length-grouped batches would make one step's sample biased), not epochs.
+    max_steps: int = 0
     max_grad_norm: float = 1.0  # C: each shopper's gradient is clipped to this L2 norm
     noise_multiplier: float | None = 1.2  # sigma: noise std = sigma * C on the summed gradient
     target_epsilon: float | None = None  # per-round epsilon; if set, sigma is derived (PRV)
@@ -77,8 +82,12 @@ class LocalTrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.max_logits < 1 or self.verify_shoppers < 0:
             raise ConfigError("max_logits must be >= 1 and verify_shoppers >= 0")
+        if self.optimizer not in ("adam", "sgd") or self.max_steps < 0:
+            raise ConfigError("optimizer must be adam or sgd, and max_steps >= 0")
         if not self.dp:
             return
+        if self.optimizer != "adam" or self.max_steps:
+            raise ConfigError("DP-SGD plans its own steps: optimizer and max_steps are non-DP")
         if not self.max_grad_norm > 0 or not 0 < self.delta < 1 or not self.epsilon_budget > 0:
             raise ConfigError("DP needs max_grad_norm > 0, 0 < delta < 1 and epsilon_budget > 0")
         if self.target_epsilon is None and (
@@ -158,6 +167,26 @@ def _nondp_batches(
             done += 1
             if done == total:
                 return
+
+
+def _uniform_batches(
+    n: int, batch_size: int, steps: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """``steps`` batches of ``batch_size`` rows (all, if fewer) drawn without replacement."""
+    for _ in range(steps):
+        yield np.sort(rng.choice(n, size=min(batch_size, n), replace=False))
+
+
+def _micro_batches(rows: np.ndarray, targets: np.ndarray, limit: int) -> Iterator[np.ndarray]:
+    """Consecutive slices of ``rows`` with at most ``limit`` targets each (a row is never split)."""
+    per_row = (targets[rows] > 0).sum(axis=1)
+    start, acc = 0, 0
+    for i, count in enumerate(per_row.tolist()):
+        if acc and acc + count > limit:
+            yield rows[start:i]
+            start, acc = i, 0
+        acc += count
+    yield rows[start:]
 
 
 def train_local(
@@ -307,19 +336,37 @@ def _train_plain(
 ) -> tuple[dict[str, torch.Tensor], float, int]:
     net = copy.deepcopy(model).to(device)
     net.train()
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.SGD(params, lr=config.lr)
+        if config.optimizer == "sgd"
+        else torch.optim.Adam(params, lr=config.lr)
+    )
     rng = np.random.default_rng(config.seed)
+    batches = (
+        _uniform_batches(len(inputs), config.batch_size, config.max_steps, rng)
+        if config.max_steps
+        else _nondp_batches(inputs, config.batch_size, config.epochs, rng)
+    )
+    # Each micro-batch's (targets, catalogue) logits stay under max_logits; their gradients
+    # add up to the whole batch's mean exactly (each weighted by its share of the targets).
+    per_target = int(getattr(getattr(net, "head", None), "out_features", 1))
+    limit = max(1, config.max_logits // per_target)
     total, count, steps = 0.0, 0, 0
-    for rows in _nondp_batches(inputs, config.batch_size, config.epochs, rng):
-        x_np, y_np = trim_left(inputs[rows], targets[rows])
-        x = torch.from_numpy(x_np).to(device)
-        y = torch.from_numpy(y_np).to(device)
-        loss = sequence_loss(net, x, y)
+    for rows in batches:
+        n_targets = int((targets[rows] > 0).sum())
+        if n_targets == 0:  # only padding: no loss to follow
+            continue
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        for chunk in _micro_batches(rows, targets, limit):
+            x_np, y_np = trim_left(inputs[chunk], targets[chunk])
+            x = torch.from_numpy(x_np).to(device)
+            y = torch.from_numpy(y_np).to(device)
+            loss = sequence_loss(net, x, y)
+            share = int((y_np > 0).sum())
+            (loss * (share / n_targets)).backward()  # type: ignore[no-untyped-call]
+            total += float(loss.detach()) * share
         optimizer.step()
-        n_targets = int((y_np > 0).sum())
-        total += float(loss.detach()) * n_targets
         count += n_targets
         steps += 1
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

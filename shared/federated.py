@@ -102,6 +102,8 @@ class RoundInstructions:
     local_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 1e-3
+    local_optimizer: str = "adam"  # without store DP: "adam" | "sgd"
+    local_steps: int = 0  # > 0: this many steps on uniform random batches, not epochs
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -138,6 +140,8 @@ class RoundInstructions:
             "local-epochs": self.local_epochs,
             "batch-size": self.batch_size,
             "learning-rate": self.learning_rate,
+            "local-optimizer": self.local_optimizer,
+            "local-steps": self.local_steps,
             "noise-multiplier": self.noise_multiplier,
             "max-grad-norm": self.max_grad_norm,
             "seed": self.seed,
@@ -172,6 +176,8 @@ class RoundInstructions:
                 local_epochs=_get(config, "local-epochs", int),
                 batch_size=_get(config, "batch-size", int),
                 learning_rate=float(_get(config, "learning-rate", float)),
+                local_optimizer=_get(config, "local-optimizer", str, "adam"),
+                local_steps=_get(config, "local-steps", int, 0),
                 noise_multiplier=float(_get(config, "noise-multiplier", float)),
                 max_grad_norm=float(_get(config, "max-grad-norm", float)),
                 seed=_get(config, "seed", int),

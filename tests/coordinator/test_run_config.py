@@ -46,6 +46,10 @@ def test_int_widens_to_float_but_not_the_reverse() -> None:
         ({"model-config": "[1, 2]"}, "JSON object"),
         ({"model-config": "{oops"}, "not valid JSON"),
         ({"trim-beta": 0.5}, "trim-beta"),
+        ({"privacy-mode": "none", "local-optimizer": "lion"}, "local-optimizer must be"),
+        ({"privacy-mode": "none", "local-steps": -1}, "local-steps must be >= 0"),
+        ({"privacy-mode": "store", "local-steps": 1}, "do not apply to privacy-mode 'store'"),
+        ({"privacy-mode": "store", "local-optimizer": "sgd"}, "its steps are DP-SGD's"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator
@@ -16,12 +17,19 @@ from hypothesis import strategies as st
 
 from edge_client.dp_sgd import DPSGDEngine, microbatches, seeded_generator
 from edge_client.errors import PrivacyBudgetExceeded
-from edge_client.local_training import LocalTrainConfig, LocalTrainResult, plan_round, train_local
+from edge_client.local_training import (
+    LocalTrainConfig,
+    LocalTrainResult,
+    _uniform_batches,
+    plan_round,
+    train_local,
+)
 from edge_client.privacy_ledger import PrivacyLedger, compose
 from shared.errors import ConfigError, DataError
 from shared.models import build_model
 from shared.onnx_export import export_onnx
-from shared.sequences import UserSequences, serving_input
+from shared.sequences import UserSequences, next_item_examples, serving_input
+from shared.training import sequence_loss
 
 N_ITEMS = 40
 GRU = {"n_items": N_ITEMS, "max_len": 8, "dim": 8, "hidden": 8, "dropout": 0.1}
@@ -263,6 +271,46 @@ def test_without_dp_there_is_no_guarantee_and_loss_goes_down() -> None:
     assert second.loss < first.loss
 
 
+def test_one_sgd_step_at_lr_1_subtracts_the_mean_gradient_of_every_target() -> None:
+    """FedSGD's local step: micro-batches add up to the whole site's gradient exactly."""
+    # Arrange
+    torch.manual_seed(6)
+    model = build_model("gru", {**GRU, "dropout": 0.0})
+    seqs = sequences(40)
+    inputs, targets = next_item_examples(seqs, GRU["max_len"])
+    x, y = torch.from_numpy(inputs), torch.from_numpy(targets)
+    expected = copy.deepcopy(model)
+    sequence_loss(expected, x, y).backward()  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        for p in expected.parameters():
+            p -= p.grad  # type: ignore[operator]
+    # 3 targets x 41 logits per micro-batch: dozens of micro-batches for the one step
+    config = LocalTrainConfig(
+        dp=False, optimizer="sgd", lr=1.0, max_steps=1, batch_size=1000, max_logits=3 * 41
+    )
+    # Act
+    result = train_local(model, seqs, config)
+    # Assert
+    assert result.steps == 1 and result.num_examples == len(inputs)
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(result.state_dict[name], value, rtol=1e-5, atol=1e-6)
+    before = model.state_dict()
+    assert sum(float((result.state_dict[k] - v).abs().sum()) for k, v in before.items()) > 0
+
+
+def test_local_steps_draw_uniform_batches_of_the_asked_size() -> None:
+    # Arrange: 4 steps of 8 from 64 shoppers, Adam
+    config = LocalTrainConfig(dp=False, max_steps=4, batch_size=8, lr=1e-2)
+    # Act
+    result = train_local(build_model("gru", GRU), sequences(64), config)
+    # Assert
+    assert result.steps == 4
+    draws = [set(b.tolist()) for b in _uniform_batches(64, 8, 50, np.random.default_rng(0))]
+    assert all(len(d) == 8 for d in draws)  # without replacement within a step
+    seen = set().union(*draws)
+    assert len(seen) > 56  # uniform over the site, not one length bucket
+
+
 def test_a_target_epsilon_sets_the_noise() -> None:
     config = LocalTrainConfig(batch_size=16, noise_multiplier=None, target_epsilon=3.0)
     result: LocalTrainResult = train_local(
@@ -289,6 +337,10 @@ def test_a_site_without_sequences_to_learn_from_is_an_error() -> None:
         {"noise_multiplier": 0.0},
         {"target_epsilon": -2.0},
         {"device": "tpu"},
+        {"dp": False, "optimizer": "rmsprop"},
+        {"dp": False, "max_steps": -1},
+        {"optimizer": "sgd"},  # DP-SGD plans its own steps
+        {"max_steps": 1},
     ],
 )
 def test_bad_settings_are_refused(overrides: dict[str, object]) -> None:

@@ -21,8 +21,10 @@ def _instr(vocab: ItemVocab) -> RoundInstructions:
         model_config={"n_items": vocab.n_items, "max_len": 20},
         catalogue=vocab,
         serve_version="v0",
-        privacy_mode="store",
+        privacy_mode="none",
         learning_rate=0.01,
+        local_optimizer="sgd",
+        local_steps=3,
     )
 
 
