@@ -256,6 +256,11 @@ class RunConfig:
                 "item-attribute-tables must name input and/or output, got "
                 f"{self.item_attribute_tables!r}"
             )
+        if self.item_attributes and not Path(self.item_attributes).is_absolute():
+            # The ServerApp runs in Flower's app directory, not where `flwr run` was typed.
+            raise RunConfigError(
+                f"item-attributes must be an absolute path, got {self.item_attributes!r}"
+            )
         if self.privacy_mode == "distributed":
             self._check_distributed()
         elif self.frozen_parameters:

@@ -78,6 +78,10 @@ SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
 
 
+# Run-config keys that name a file on the coordinator's side.
+PATH_RUN_CONFIG_KEYS = ("item-attributes",)
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """Everything one simulation run needs (the `fedrec sim run` options)."""
@@ -115,6 +119,7 @@ class SimConfig:
     global_eval: bool = True  # score every round on the global test split
 
     def __post_init__(self) -> None:
+        self._resolve_path_keys()
         if self.privacy not in PRIVACY_MODES:
             raise ConfigError(f"privacy must be one of {', '.join(PRIVACY_MODES)}")
         if self.strategy not in STRATEGIES:
@@ -139,6 +144,17 @@ class SimConfig:
             raise ConfigError("privacy distributed sums updates under SecAgg+: strategy fedavg")
         if self.data == "synth" and self.sites is None:
             raise ConfigError("synthetic data needs --sites")
+
+    def _resolve_path_keys(self) -> None:
+        """Path-valued ``--set`` keys made absolute: the ServerApp reads them from its own cwd."""
+        for key in PATH_RUN_CONFIG_KEYS:
+            value = self.run_config.get(key)
+            if not isinstance(value, str) or not value:
+                continue
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"--set {key}={value}: no such file")
+            self.run_config[key] = str(path.resolve())
 
     @property
     def resolved_split(self) -> str:

@@ -50,6 +50,7 @@ def test_int_widens_to_float_but_not_the_reverse() -> None:
         ({"privacy-mode": "none", "local-steps": -1}, "local-steps must be >= 0"),
         ({"privacy-mode": "store", "local-steps": 1}, "do not apply to privacy-mode 'store'"),
         ({"privacy-mode": "store", "local-optimizer": "sgd"}, "its steps are DP-SGD's"),
+        ({"item-attributes": "data/attrs.json"}, "item-attributes must be an absolute path"),
     ],
 )
 def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:

@@ -191,6 +191,22 @@ def test_config_errors_and_non_empty_out(tmp_path: Path) -> None:
     assert prepare_out(tmp_path / "new").is_dir()
 
 
+def test_path_valued_sets_are_made_absolute_or_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ServerApp runs in Flower's app directory: a relative path given on the command
+    # line would be read from there and fail only after the data has been split.
+    (tmp_path / "attrs.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+
+    config = SimConfig(run_config={"item-attributes": "attrs.json", "frozen": "head.weight"})
+
+    assert config.run_config["item-attributes"] == str(tmp_path.resolve() / "attrs.json")
+    assert config.run_config["frozen"] == "head.weight"
+    with pytest.raises(ConfigError, match=r"item-attributes=missing\.json: no such file"):
+        SimConfig(run_config={"item-attributes": "missing.json"})
+
+
 def test_store_calibration_is_within_the_budget_and_tight() -> None:
     from edge_client.dp_sgd import sampling_plan
     from edge_client.privacy_ledger import Mechanism, compose
