@@ -105,6 +105,12 @@ class SimulationEngine:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         # Ray's notice about accelerator variables is noise on a CPU-only simulation.
         env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        # The ServerApp runs in a thread of flwr-simulation while its main thread forks Ray's
+        # processes; every fork stops and restarts OpenBLAS's thread pool, so a LAPACK call
+        # there ran 30x slower (3 SVDs of 12,101 x 637: 73.7 s beside forks, 2.5 s without,
+        # 3.3 s single-threaded beside forks; docs/results.md, section 5). Numpy needs no
+        # BLAS threads here: torch has its own, and each site is its own process.
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
         self.env = env
 
     def __enter__(self) -> SimulationEngine:

@@ -80,6 +80,8 @@ MODEL_DIR = "model"
 
 # Run-config keys that name a file on the coordinator's side.
 PATH_RUN_CONFIG_KEYS = ("item-attributes",)
+# RunConfig's own default; the distributed mode raises it to the largest site.
+DEFAULT_SECAGG_MAX_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -237,8 +239,13 @@ def build_run_config(
     catalogue: Path,
     state_dir: Path,
     noise_multiplier: float,
+    max_site_shoppers: int = 0,
 ) -> dict[str, Any]:
-    """The ServerApp's run config (`coordinator.run_config.RunConfig` keys) for this run."""
+    """The ServerApp's run config (`coordinator.run_config.RunConfig` keys) for this run.
+
+    ``max_site_shoppers`` (the largest site's shoppers) sizes SecAgg+'s range in the
+    distributed mode, where a site with more shoppers than ``secagg-max-weight`` refuses.
+    """
     per_round, fraction, evaluate = sampling(config, n_sites)
     values: dict[str, Any] = {
         "num-rounds": config.rounds,
@@ -278,6 +285,9 @@ def build_run_config(
                 # Each site adds its 1/m share of the noise, m = the quorum: every site of
                 # the round must answer, or the sum would carry less noise than planned.
                 "quorum": per_round,
+                # A share's coordinates reach n C for n shoppers: the range must hold the
+                # largest site (Beauty's 10 Dirichlet sites reach 3,900; the default is 1,000).
+                "secagg-max-weight": float(max(DEFAULT_SECAGG_MAX_WEIGHT, max_site_shoppers)),
             }
         )
     if config.privacy == "app":
@@ -594,6 +604,7 @@ def run_simulation(config: SimConfig, out: Path, *, report: Reporter | None = No
         catalogue=layout.catalogue,
         state_dir=state_dir,
         noise_multiplier=sigma,
+        max_site_shoppers=int(partition.sizes().max(initial=0)),
     )
     popularity = popularity_baseline(split, vocab)
     cpus = os.cpu_count() or 1

@@ -12,6 +12,7 @@ from shared.item_vectors import (
     attribute_mean,
     attribute_vectors,
     init_item_tables,
+    principal_scores,
 )
 from shared.models import build_model
 from shared.vocab import ItemVocab
@@ -105,3 +106,37 @@ def test_attribute_means_stay_within_the_known_values(
     # Assert: every result is a mean of known values, so it lies within their range
     lo, hi = values[known].min(), values[known].max()
     assert np.all(out >= lo - 1e-9) and np.all(out <= hi + 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    a=st.integers(1, 40),
+    k=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_principal_scores_equal_the_truncated_svd(n: int, a: int, k: int, seed: int) -> None:
+    # Arrange: tall or wide, random axes, singular values 1 apart (axes well defined)
+    rng = np.random.default_rng(seed)
+    q = min(n, a)
+    left, _ = np.linalg.qr(rng.normal(size=(n, q)))
+    right, _ = np.linalg.qr(rng.normal(size=(a, q)))
+    m = (left * np.arange(q, 0, -1.0)) @ right.T
+    u, s, _ = np.linalg.svd(m, full_matrices=False)
+    r = min(k, len(s))
+    # Act
+    scores = principal_scores(m, k)
+    # Assert: the same rank-r subspace and lengths (columns are defined up to sign)
+    assert scores.shape == (n, r)
+    np.testing.assert_allclose(np.abs(scores), np.abs(u[:, :r] * s[:r]), atol=1e-6)
+    np.testing.assert_allclose(scores @ scores.T, (u[:, :r] * s[:r] ** 2) @ u[:, :r].T, atol=1e-6)
+
+
+def test_principal_scores_drop_the_axes_of_a_rank_deficient_matrix() -> None:
+    # Arrange: two identical rows and one zero column: rank 1 of a possible 2
+    m = np.array([[1.0, 0.0], [1.0, 0.0]])
+    # Act
+    scores = principal_scores(m, 2)
+    # Assert
+    assert scores.shape == (2, 1)
+    np.testing.assert_allclose(np.abs(scores[:, 0]), [1.0, 1.0])

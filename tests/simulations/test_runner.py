@@ -133,6 +133,21 @@ def test_run_config_is_one_the_server_app_accepts(privacy: str, tmp_path: Path) 
     if privacy == "distributed":
         # every site of a round holds a share of the noise: all of them must answer
         assert parsed.noise_multiplier == 1.5 and parsed.secagg and parsed.quorum == 4
+        assert parsed.secagg_max_weight == 1000.0  # no site is larger than the default
+
+
+def test_distributed_secagg_range_holds_the_largest_site(tmp_path: Path) -> None:
+    # A site with more shoppers than secagg-max-weight refuses every round (its share could
+    # overflow SecAgg+'s range): Beauty's largest Dirichlet site has 3,900.
+    config = SimConfig(privacy="distributed", sites=10)
+    kwargs = {"catalogue": tmp_path / "c.json", "state_dir": tmp_path, "noise_multiplier": 1.0}
+
+    values = build_run_config(config, n_sites=10, max_site_shoppers=3900, **kwargs)
+    chosen = SimConfig(privacy="distributed", sites=10, run_config={"secagg-max-weight": 5000})
+    overridden = build_run_config(chosen, n_sites=10, max_site_shoppers=3900, **kwargs)
+
+    assert RunConfig.from_mapping(values).secagg_max_weight == 3900.0
+    assert RunConfig.from_mapping(overridden).secagg_max_weight == 5000.0
 
 
 def test_distributed_needs_three_sites_a_round_and_fedavg(tmp_path: Path) -> None:
