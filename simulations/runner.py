@@ -286,7 +286,7 @@ def build_run_config(
                 # the round must answer, or the sum would carry less noise than planned.
                 "quorum": per_round,
                 # A share's coordinates reach n C for n shoppers: the range must hold the
-                # largest site (Beauty's 10 Dirichlet sites reach 3,900; the default is 1,000).
+                # largest site (Beauty's largest of 10 Dirichlet sites: 5,032; default 1,000).
                 "secagg-max-weight": float(max(DEFAULT_SECAGG_MAX_WEIGHT, max_site_shoppers)),
             }
         )

@@ -64,3 +64,20 @@ def test_sigterm_stops_the_superlink_and_leaves_nothing_behind(tmp_path: Path) -
         time.sleep(0.2)
     assert not alive(superlink)
     assert list(flower_processes_under(run / "flwr")) == []
+
+
+def test_simulation_processes_get_single_threaded_openblas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ServerApp runs in a thread of flwr-simulation while its main thread forks Ray's
+    # processes; with OpenBLAS's thread pool, each fork stalls numpy's LAPACK calls there
+    # (the Beauty item vectors took minutes). Every process the engine starts inherits env.
+    from simulations.engine import SimulationEngine
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    default = SimulationEngine(tmp_path / "a", tmp_path / "a" / "state")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    chosen = SimulationEngine(tmp_path / "b", tmp_path / "b" / "state")
+
+    assert default.env["OPENBLAS_NUM_THREADS"] == "1"
+    assert chosen.env["OPENBLAS_NUM_THREADS"] == "2"  # an operator's own choice stands

@@ -138,15 +138,15 @@ def test_run_config_is_one_the_server_app_accepts(privacy: str, tmp_path: Path) 
 
 def test_distributed_secagg_range_holds_the_largest_site(tmp_path: Path) -> None:
     # A site with more shoppers than secagg-max-weight refuses every round (its share could
-    # overflow SecAgg+'s range): Beauty's largest Dirichlet site has 3,900.
+    # overflow SecAgg+'s range): Beauty's largest of 10 Dirichlet sites has 5,032.
     config = SimConfig(privacy="distributed", sites=10)
     kwargs = {"catalogue": tmp_path / "c.json", "state_dir": tmp_path, "noise_multiplier": 1.0}
 
-    values = build_run_config(config, n_sites=10, max_site_shoppers=3900, **kwargs)
+    values = build_run_config(config, n_sites=10, max_site_shoppers=5032, **kwargs)
     chosen = SimConfig(privacy="distributed", sites=10, run_config={"secagg-max-weight": 5000})
-    overridden = build_run_config(chosen, n_sites=10, max_site_shoppers=3900, **kwargs)
+    overridden = build_run_config(chosen, n_sites=10, max_site_shoppers=5032, **kwargs)
 
-    assert RunConfig.from_mapping(values).secagg_max_weight == 3900.0
+    assert RunConfig.from_mapping(values).secagg_max_weight == 5032.0
     assert RunConfig.from_mapping(overridden).secagg_max_weight == 5000.0
 
 
