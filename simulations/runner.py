@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sqlite3
 import sys
@@ -212,6 +213,34 @@ def load_dataset(config: SimConfig) -> EventDataset:
     if not path.exists():
         raise SimulationError(f"no data at {path} (give a file, or --data synth)")
     return read_dataset(path, config.format)
+
+
+REFUSAL_RE = re.compile(r"site (\S+) refuses round \d+: (.+)$")
+
+
+def site_refusals(log_path: Path, limit: int = 3) -> list[str]:
+    """Up to ``limit`` distinct reasons sites gave for refusing rounds, from the run's log.
+
+    A refused SecAgg+ share is a dropout to Flower: the registry records only that the
+    protocol halted, and the site's own reason is in the log its ClientApp wrote.
+    """
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    seen: dict[str, str] = {}
+    for line in text.splitlines():
+        match = REFUSAL_RE.search(line)
+        if match is None:
+            continue
+        reason = match.group(2).strip()
+        # the same cause at every site differs only in its numbers: show it once
+        key = re.sub(r"\d+(\.\d+)?", "N", reason)
+        if key not in seen:
+            seen[key] = f"{match.group(1)}: {reason}"
+        if len(seen) >= limit:
+            break
+    return list(seen.values())
 
 
 def training_shoppers_per_site(split: Any, partition: Partition) -> np.ndarray:
@@ -650,9 +679,12 @@ def run_simulation(config: SimConfig, out: Path, *, report: Reporter | None = No
         raise SimulationError(f"processes still running after the run: {leftovers}")
     final = [line for line in lines if line["status"] == "completed"]
     if status != "completed" or not final:
+        log_path = engine.log_dir / "flwr-run.log"
+        reasons = site_refusals(log_path)
+        hint = "; sites refused: " + " | ".join(reasons) if reasons else ""
         raise SimulationError(
             f"the federated run ended with status {status!r} after {len(final)} completed "
-            f"round(s); see {engine.log_dir / 'flwr-run.log'}"
+            f"round(s){hint}; see {log_path}"
         )
     final_version = str(final[-1]["model_version"])
     model_dir = out / MODEL_DIR

@@ -293,3 +293,26 @@ def test_memory_sampler_sums_the_whole_process_tree() -> None:
     assert peak.samples >= 2 and peak.processes >= 2
     assert peak.rss_bytes >= alone[0] and peak.pss_bytes > 150 * 2**20
     assert peak.others_pss_bytes > 150 * 2**20  # the child, without the sampling process
+
+
+def test_a_failed_run_names_the_sites_refusals(tmp_path: Path) -> None:
+    # A refused SecAgg+ share is only a dropout to Flower; the reason is in the site's log.
+    from simulations.runner import site_refusals
+
+    log = tmp_path / "flwr-run.log"
+    log.write_text(
+        "INFO: round 1\n"
+        "(ClientAppActor pid=1) 12/04/2026 21:13:32:WARNING:site site-000 refuses round 1: "
+        "the site has 1667 shoppers; a share fits SecAgg+'s range for at most 1000\n"
+        "(ClientAppActor pid=2) WARNING:site site-003 refuses round 1: "
+        "the site has 1041 shoppers; a share fits SecAgg+'s range for at most 1000\n"
+        "WARNING:site site-004 refuses round 2: privacy budget exceeded: 8.1 > 8\n"
+    )
+
+    reasons = site_refusals(log)
+
+    assert reasons == [
+        "site-000: the site has 1667 shoppers; a share fits SecAgg+'s range for at most 1000",
+        "site-004: privacy budget exceeded: 8.1 > 8",
+    ]
+    assert site_refusals(tmp_path / "missing.log") == []
