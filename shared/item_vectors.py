@@ -80,21 +80,19 @@ def principal_scores(m: np.ndarray, k: int) -> np.ndarray:
     """(n, min(k, rank)) U_k S_k of m = U S V^T: the rows' coordinates on the top k axes.
 
     Computed from the eigendecomposition of the smaller Gram matrix (A x A or n x n), not a
-    full SVD: on Beauty's 12,101 x 637 matrix that is 0.15 s against 1.3 s for
-    ``np.linalg.svd`` single-threaded, and the SVD took over 5 minutes inside Flower's
-    simulation process, where OpenBLAS threads contend with Ray's (docs/results.md, § 5).
+    full SVD: on Beauty's 12,101 x 637 matrix 0.12 s against 0.9 s for ``np.linalg.svd``.
+    The SVD also stalled for minutes inside Flower's simulation process, where each fork
+    of Ray's processes stops OpenBLAS's thread pool mid-call (docs/results.md, § 5).
     Eigenvalues below ``1e-9`` of the largest are rank deficiency, not axes.
     """
     n, a = m.shape
-    if a <= n:
-        eigvals, v = np.linalg.eigh(m.T @ m)  # ascending; m^T m = V S^2 V^T
-        order = np.argsort(eigvals)[::-1][:k]
-        keep = order[eigvals[order] > 1e-9 * max(float(eigvals.max()), 1e-300)]
-        return np.asarray(m @ v[:, keep])  # m V = U S
-    eigvals, u = np.linalg.eigh(m @ m.T)  # m m^T = U S^2 U^T
+    tall = a <= n
+    eigvals, vectors = np.linalg.eigh(m.T @ m if tall else m @ m.T)  # ascending
     order = np.argsort(eigvals)[::-1][:k]
     keep = order[eigvals[order] > 1e-9 * max(float(eigvals.max()), 1e-300)]
-    return np.asarray(u[:, keep] * np.sqrt(eigvals[keep]))
+    if tall:
+        return np.asarray(m @ vectors[:, keep])  # m^T m = V S^2 V^T, and m V = U S
+    return np.asarray(vectors[:, keep] * np.sqrt(eigvals[keep]))  # m m^T = U S^2 U^T
 
 
 def init_item_tables(
