@@ -81,8 +81,6 @@ MODEL_DIR = "model"
 
 # Run-config keys that name a file on the coordinator's side.
 PATH_RUN_CONFIG_KEYS = ("item-attributes",)
-# RunConfig's own default; the distributed mode raises it to the largest site.
-DEFAULT_SECAGG_MAX_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +155,8 @@ class SimConfig:
             path = Path(value).expanduser()
             if not path.is_file():
                 raise ConfigError(f"--set {key}={value}: no such file")
-            self.run_config[key] = str(path.resolve())
+            # a new dict: the caller's mapping is not ours to change
+            object.__setattr__(self, "run_config", {**self.run_config, key: str(path.resolve())})
 
     @property
     def resolved_split(self) -> str:
@@ -275,6 +274,8 @@ def build_run_config(
     ``max_site_shoppers`` (the largest site's shoppers) sizes SecAgg+'s range in the
     distributed mode, where a site with more shoppers than ``secagg-max-weight`` refuses.
     """
+    from coordinator.run_config import RunConfig
+
     per_round, fraction, evaluate = sampling(config, n_sites)
     values: dict[str, Any] = {
         "num-rounds": config.rounds,
@@ -316,7 +317,7 @@ def build_run_config(
                 "quorum": per_round,
                 # A share's coordinates reach n C for n shoppers: the range must hold the
                 # largest site (Beauty's largest of 10 Dirichlet sites: 5,032; default 1,000).
-                "secagg-max-weight": float(max(DEFAULT_SECAGG_MAX_WEIGHT, max_site_shoppers)),
+                "secagg-max-weight": float(max(RunConfig.secagg_max_weight, max_site_shoppers)),
             }
         )
     if config.privacy == "app":
@@ -333,8 +334,6 @@ def build_run_config(
             }
         )
     values.update(config.run_config)
-    from coordinator.run_config import RunConfig
-
     try:
         RunConfig.from_mapping(values)
     except FedrecError as err:

@@ -214,10 +214,12 @@ def test_path_valued_sets_are_made_absolute_or_refused(
     (tmp_path / "attrs.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
 
-    config = SimConfig(run_config={"item-attributes": "attrs.json", "frozen": "head.weight"})
+    given = {"item-attributes": "attrs.json", "frozen": "head.weight"}
+    config = SimConfig(run_config=given)
 
     assert config.run_config["item-attributes"] == str(tmp_path.resolve() / "attrs.json")
     assert config.run_config["frozen"] == "head.weight"
+    assert given["item-attributes"] == "attrs.json"  # the caller's mapping is not changed
     with pytest.raises(ConfigError, match=r"item-attributes=missing\.json: no such file"):
         SimConfig(run_config={"item-attributes": "missing.json"})
 
